@@ -1,0 +1,178 @@
+"""Config schemas: the one seam between Hydra YAML and code.
+
+``conf/`` YAML is validated against these dataclasses (registered in Hydra's ConfigStore), and
+``RunConfig.from_dictconfig`` turns the composed config into plain typed objects. Nothing below
+``pipeline.tokenize.main`` imports omegaconf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MISSING = "???"
+
+
+@dataclass
+class DatasetConfig:
+    """Where the items come from. ``kind`` picks the source (``pipeline.sources``)."""
+
+    kind: str = "folder"
+    # folder: directory to scan recursively; manifest: the manifest file; hf: dataset name or directory.
+    path: str = MISSING
+    # folder: file endings that count as audio (lower case, no dot).
+    extensions: list[str] = field(
+        default_factory=lambda: ["wav", "flac", "mp3", "ogg", "opus", "m4a", "aac", "aiff", "aif", "wma", "webm", "mp4"]
+    )
+    # folder: read audiocraft-style sidecar metadata (song.flac + song.json) into row columns.
+    sidecar_json: bool = True
+    follow_symlinks: bool = True
+    # manifest: relative paths resolve against this (default: the manifest's folder).
+    root: str | None = None
+    # manifest (csv): the column holding the audio path; manifest/hf: column holding the id (None: derived).
+    path_column: str = "path"
+    id_column: str | None = None
+    # hf: dataset config name, split, streaming, audio column, metadata columns to carry (None: all scalar ones).
+    name: str | None = None
+    split: str = "train"
+    streaming: bool = False
+    audio_column: str = "audio"
+    metadata_columns: list[str] | None = None
+    # Process only the first N items of the sorted list (debugging); None = all.
+    limit: int | None = None
+
+
+@dataclass
+class CodecConfig:
+    """Which codec and how it runs. Everything here except ``device`` and ``batch_*`` is in the fingerprint."""
+
+    # transformers class family: encodec (default), dac, mimi.
+    family: str = "encodec"
+    # Hub id or local directory holding a ``save_pretrained`` checkpoint.
+    pretrained: str = "facebook/encodec_32khz"
+    # Hub revision (branch, tag or commit); pin a commit for reproducible datasets.
+    revision: str | None = None
+    # Target bandwidth in kbps (EnCodec) selecting the number of codebooks; None = the model's first.
+    bandwidth: float | None = None
+    # Number of codebooks to keep (DAC/Mimi); None = all.
+    num_codebooks: int | None = None
+    # auto | cpu | cuda | cuda:N
+    device: str = "auto"
+    # Encoder compute dtype: float32 or bfloat16 (autocast; the RVQ always runs in IEEE fp32).
+    dtype: str = "float32"
+    # TF32 for convolutions on CUDA (MusicGen trained with it on). Ignored on CPU.
+    tf32: bool = True
+    # torch.compile the encoder (CUDA only; one graph per bucket shape).
+    compile: bool = False
+    # CPU backend: torch or onnx (ONNX Runtime, one exported graph per bucket length).
+    backend: str = "torch"
+    # Intra-op threads for the codec on CPU; changes float reduction order, hence in the fingerprint.
+    threads: int = 1
+
+
+@dataclass
+class SegmentConfig:
+    """How an item is cut into segments (rows)."""
+
+    # window: fixed windows of length_s every hop_s; clip: the whole item up to max_s.
+    kind: str = "window"
+    length_s: float = 30.0
+    # Window start spacing; None = length_s (no overlap).
+    hop_s: float | None = None
+    # Tails (and whole items) shorter than this are dropped and counted as skipped.
+    min_s: float = 1.0
+    # clip: items longer than this are cut to it (the rest is dropped and counted).
+    max_s: float = 30.0
+    # Zero-pad each segment to the next multiple of this many seconds before encoding (a bucket);
+    # None = pad to the full window length, as MusicGen training does with short crops.
+    bucket_s: float | None = None
+
+
+@dataclass
+class BatchConfig:
+    """Fixed-shape batching. The rows per batch for each bucket derive from these and are in the fingerprint."""
+
+    # Cap on padded audio seconds per batch: bounds memory whatever the file lengths.
+    max_audio_s: float = 240.0
+    # Cap on rows per batch.
+    max_rows: int = 64
+
+
+@dataclass
+class DecodeConfig:
+    """Decode/resample worker processes."""
+
+    # Worker processes for decode + resample; 0 = in the main process (no crash isolation).
+    workers: int = 2
+    # Seconds one item may take to decode before its worker is killed and the item failed.
+    timeout_s: float = 120.0
+    # soxr quality: HQ or VHQ (part of the fingerprint).
+    resample_quality: str = "HQ"
+
+
+@dataclass
+class OutputConfig:
+    dir: str = MISSING
+    # Items per unit (the unit of work, output file and resume). Many more units than processes.
+    unit_size: int = 64
+    # Parquet compression codec and level.
+    compression: str = "zstd"
+    compression_level: int = 9
+    # resume: continue a matching job, refuse a changed one; overwrite: delete the folder's state and restart.
+    mode: str = "resume"
+    # Retry only the items recorded as failed in an earlier run of this folder.
+    retry_failed: bool = False
+
+
+@dataclass
+class RunConfig:
+    """The whole job. Built from Hydra's composed config by ``from_dictconfig``."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    # mono | stereo (MusicGen-stereo: L and R encoded separately and interleaved per codebook, K doubles).
+    channels: str = "mono"
+    # Seconds a claim stays valid without a heartbeat before another run may take the unit over.
+    claim_lease_s: float = 120.0
+    progress: bool = True
+    seed: int = 0
+
+    @staticmethod
+    def from_dictconfig(cfg: Any) -> "RunConfig":
+        """Turn Hydra's DictConfig into typed dataclasses (validated against the schema)."""
+        from omegaconf import OmegaConf
+
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        run = OmegaConf.to_object(merged)
+        assert isinstance(run, RunConfig)
+        run.validate()
+        return run
+
+    def validate(self) -> None:
+        """Fail fast on arguments that cannot work, with a hint."""
+        checks = [
+            (self.segment.kind in ("window", "clip"), f"segment.kind must be window or clip, got {self.segment.kind}"),
+            (self.segment.length_s > 0, "segment.length_s must be > 0"),
+            (self.segment.min_s >= 0, "segment.min_s must be >= 0"),
+            (self.channels in ("mono", "stereo"), f"channels must be mono or stereo, got {self.channels}"),
+            (self.codec.dtype in ("float32", "bfloat16"), f"codec.dtype must be float32 or bfloat16"),
+            (self.codec.threads >= 1, "codec.threads must be >= 1"),
+            (self.output.unit_size >= 1, "output.unit_size must be >= 1"),
+            (self.output.mode in ("resume", "overwrite"), "output.mode must be resume or overwrite"),
+            (self.batch.max_rows >= 1, "batch.max_rows must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def register_configs() -> None:
+    """Register the schema so YAML typos and wrong types fail at composition time."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
