@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 MISSING = "???"
@@ -139,7 +140,10 @@ class RunConfig:
     # Seconds a claim stays valid without a heartbeat before another run may take the unit over.
     claim_lease_s: float = 120.0
     progress: bool = True
+    # Seed for anything random (verify sampling). Changes no token.
     seed: int = 0
+    # Changes nothing: lets a Hydra multirun sweep start N identical jobs that share the units through claims.
+    worker_tag: int = 0
 
     @staticmethod
     def from_dictconfig(cfg: Any) -> "RunConfig":
@@ -170,9 +174,22 @@ class RunConfig:
                 raise ValueError(message)
 
 
-def register_configs() -> None:
-    """Register the schema so YAML typos and wrong types fail at composition time."""
-    from hydra.core.config_store import ConfigStore
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
-    cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
+
+def register_configs() -> None:
+    """Register the schema (so YAML typos and wrong types fail at composition time) and our resolvers."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    # ${pipeline.repo:examples/audio}: a path inside this checkout, whatever the working directory.
+    OmegaConf.register_new_resolver("pipeline.repo", lambda rel: str(REPO_ROOT / rel), replace=True)
+    # ${pipeline.fixture_codec:tiny}: build (once, cached) the offline test codec and return its directory.
+    OmegaConf.register_new_resolver("pipeline.fixture_codec", _fixture_codec, replace=True)
+
+
+def _fixture_codec(variant: str) -> str:
+    from pipeline.codecs.testing import fixture_codec_dir
+
+    return str(fixture_codec_dir(variant))

@@ -1,0 +1,166 @@
+"""Plan stage: the sorted item list cut into units, plus the fingerprint of everything that changes tokens.
+
+Written once to ``<out>/.state/plan.json`` (and the items to ``items.jsonl``); every later run of the same
+output folder must agree with it, or it is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.layout import OutputLayout, atomic_write_bytes, atomic_write_json
+from pipeline.types import AudioItem
+
+PLAN_VERSION = 1
+
+
+class PlanMismatch(RuntimeError):
+    """The output folder holds a different job."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The frozen job description. Units are ``[u * unit_size, (u + 1) * unit_size)`` slices of the items."""
+
+    n_items: int
+    unit_size: int
+    items_hash: str
+    fingerprint: str
+    fingerprint_detail: dict[str, Any]
+    source: dict[str, Any]
+    version: int = PLAN_VERSION
+
+    @property
+    def n_units(self) -> int:
+        return -(-self.n_items // self.unit_size)
+
+    def unit_range(self, unit: int) -> range:
+        """Item indices of a unit: a pure function of the sorted list and the unit size, never of the world size.
+
+        >>> p = Plan(n_items=10, unit_size=4, items_hash="", fingerprint="", fingerprint_detail={}, source={})
+        >>> p.n_units, list(p.unit_range(0)), list(p.unit_range(2))
+        (3, [0, 1, 2, 3], [8, 9])
+        """
+        return range(unit * self.unit_size, min(self.n_items, (unit + 1) * self.unit_size))
+
+
+def items_hash(items: list[AudioItem]) -> str:
+    """Hash of the ids and sources in order: a changed input list changes it."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.id}\0{it.source}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_detail(cfg: RunConfig, device_kind: str) -> dict[str, Any]:
+    """Every setting and version that can change a token (DESIGN.md "Tokens")."""
+    import av
+    import soundfile
+    import soxr
+    import torch
+    import transformers
+
+    from pipeline import __version__
+
+    on_cpu = device_kind.startswith("cpu")
+    codec = {k: v for k, v in asdict(cfg.codec).items() if k not in ("device", "threads")}
+    codec["tf32"] = cfg.codec.tf32 and not on_cpu  # TF32 does not exist on CPU
+    return {
+        "codec": codec,
+        "device_kind": device_kind,
+        # Intra-op threads change float reduction order on CPU; on GPU they do not touch the kernels.
+        "cpu_threads": cfg.codec.threads if on_cpu else None,
+        "segment": asdict(cfg.segment),
+        "batch": asdict(cfg.batch),
+        "channels": cfg.channels,
+        "resampler": {"soxr": soxr.__version__, "quality": cfg.decode.resample_quality},
+        "decoders": {"libsndfile": soundfile.__libsndfile_version__, "av": av.__version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "pipeline": __version__},
+    }
+
+
+def fingerprint_of(detail: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(detail, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def device_kind(device_type: str, cuda_name: str | None = None) -> str:
+    """``cuda:<GPU name>`` or ``cpu:<CPU model>``: the kernels that run differ between them."""
+    if device_type == "cuda":
+        return f"cuda:{cuda_name}"
+    return f"cpu:{_cpu_model()}"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_plan(items: list[AudioItem], cfg: RunConfig, detail: dict[str, Any], source: dict[str, Any]) -> Plan:
+    return Plan(len(items), cfg.output.unit_size, items_hash(items), fingerprint_of(detail), detail, source)
+
+
+def load_plan(layout: OutputLayout) -> Plan | None:
+    if not layout.plan.exists():
+        return None
+    return Plan(**json.loads(layout.plan.read_text()))
+
+
+def save_plan(layout: OutputLayout, plan: Plan, items: list[AudioItem]) -> None:
+    """Items first, plan last: a plan.json on disk always has its items beside it."""
+    layout.make_dirs()
+    lines = "".join(json.dumps(asdict(it), ensure_ascii=False, default=str) + "\n" for it in items)
+    atomic_write_bytes(layout.items, lines.encode(), layout.tmp)
+    atomic_write_json(layout.plan, asdict(plan), layout.tmp)
+
+
+def load_items(layout: OutputLayout) -> list[AudioItem]:
+    with open(layout.items, encoding="utf-8") as f:
+        return [AudioItem(**json.loads(line)) for line in f]
+
+
+def check_same_job(old: Plan, new: Plan, out_dir: Path) -> None:
+    """Refuse to mix two jobs in one folder; say what differs and the two ways out."""
+    diffs = []
+    if old.items_hash != new.items_hash or old.n_items != new.n_items:
+        diffs.append(f"input list: {old.n_items} items (hash {old.items_hash}) -> {new.n_items} (hash {new.items_hash})")
+    if old.unit_size != new.unit_size:
+        diffs.append(f"output.unit_size: {old.unit_size} -> {new.unit_size}")
+    if old.fingerprint != new.fingerprint:
+        diffs += [f"{k}: {a} -> {b}" for k, a, b in _dict_diff(old.fingerprint_detail, new.fingerprint_detail)]
+    if diffs:
+        raise PlanMismatch(
+            f"output.dir {out_dir} holds a different job; refusing to mix tokens of two jobs:\n  "
+            + "\n  ".join(diffs)
+            + "\nWrite to a new output.dir, or pass output.mode=overwrite to delete this one and start again."
+        )
+
+
+def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _dict_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append((f"{prefix}{key}", va, vb))
+    return out
+
+
+def wipe(layout: OutputLayout) -> None:
+    """``output.mode=overwrite``: remove everything this pipeline writes, and nothing else."""
+    for path in (layout.data, layout.failures, layout.state):
+        shutil.rmtree(path, ignore_errors=True)
+    for name in ("README.md", "stats.json"):
+        (layout.root / name).unlink(missing_ok=True)

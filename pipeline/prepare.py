@@ -1,0 +1,154 @@
+"""Start-up: make or check the plan (rank 0), clean what a crash left, and build the stages of a rank."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.config import RunConfig
+from pipeline.claims import claim_state
+from pipeline.finalize import CodecInfo, finalize
+from pipeline.layout import OutputLayout
+from pipeline.plan import (Plan, PlanMismatch, build_plan, check_same_job, device_kind, fingerprint_detail,
+                           fingerprint_of, load_items, load_plan, save_plan, wipe)
+from pipeline.sources import Source, build_source
+from pipeline.types import AudioItem
+
+log = logging.getLogger(__name__)
+_UNIT = re.compile(r"(?:unit|train)-(\d{5})")
+
+
+@dataclass
+class Job:
+    """A planned job as every rank sees it."""
+
+    cfg: RunConfig
+    layout: OutputLayout
+    plan: Plan
+    items: list[AudioItem]
+    source: Source
+
+    @property
+    def finished(self) -> bool:
+        return self.layout.done_units() >= set(range(self.plan.n_units))
+
+    def finalize_if_done(self) -> dict[str, Any] | None:
+        """Merge stats and write the card when every unit is done (whichever rank gets here last does it)."""
+        if not self.finished:
+            return None
+        marker = json.loads(self.layout.marker(0).read_text())
+        return finalize(self.layout, self.plan, CodecInfo(**marker["codec"]))
+
+
+def prepare(cfg: RunConfig, ranks, barrier: Callable) -> Job:
+    """Rank 0 lists the inputs and writes or checks the plan; the others wait, then read it."""
+    layout = OutputLayout(Path(cfg.output.dir).expanduser().resolve())
+    detail = fingerprint_detail(cfg, _device_kind(ranks.device))
+    source = build_source(cfg.dataset)
+    if ranks.is_main:
+        plan, items = _plan_on_main(cfg, layout, source, detail)
+    barrier(ranks)
+    if not ranks.is_main:
+        plan, items = load_plan(layout), load_items(layout)
+        if plan.fingerprint != fingerprint_of(detail):
+            check_same_job(plan, Plan(**{**plan.__dict__, "fingerprint": fingerprint_of(detail),
+                                         "fingerprint_detail": detail}), layout.root)
+    return Job(cfg, layout, plan, items, source)
+
+
+def _plan_on_main(cfg: RunConfig, layout: OutputLayout, source: Source, detail: dict) -> tuple[Plan, list[AudioItem]]:
+    if cfg.output.mode == "overwrite":
+        wipe(layout)
+    items = source.list_items()
+    if cfg.dataset.limit is not None:
+        items = items[: cfg.dataset.limit]
+    if not items:
+        raise ValueError(f"no audio items found in {source.describe()}; check dataset.path and dataset.extensions")
+    new = build_plan(items, cfg, detail, source.describe())
+    old = load_plan(layout)
+    if old is None:
+        save_plan(layout, new, items)
+        log.info("planned %d items in %d units -> %s", new.n_items, new.n_units, layout.root)
+        return new, items
+    check_same_job(old, new, layout.root)
+    layout.make_dirs()
+    if cfg.output.retry_failed:
+        _reopen_failed_units(layout, old)
+    _clean_uncommitted(layout, cfg.claim_lease_s)
+    log.info("resuming: %d of %d units done", len(layout.done_units()), old.n_units)
+    return old, items
+
+
+def _reopen_failed_units(layout: OutputLayout, plan: Plan) -> None:
+    """``output.retry_failed``: units with failures lose their marker and are redone; their ok rows come out
+    identical (a row's codes depend on audio and config only), the failed items get another chance."""
+    for log_path in layout.failures.glob("unit-*.jsonl"):
+        unit = int(_UNIT.search(log_path.name).group(1))
+        layout.marker(unit).unlink(missing_ok=True)
+        log.info("retry_failed: reopening unit %d", unit)
+
+
+def _clean_uncommitted(layout: OutputLayout, lease_s: float) -> None:
+    """Remove shards, failure logs and temp files of units that have no marker and no live claim (a crash's
+    leftovers). Units another live run is writing right now are left alone."""
+    done = layout.done_units()
+    for folder in (layout.data, layout.failures, layout.tmp):
+        for path in folder.iterdir():
+            match = _UNIT.search(path.name)
+            if match is None or int(match.group(1)) in done and folder is not layout.tmp:
+                continue
+            if claim_state(layout, int(match.group(1)), lease_s) != "live":
+                log.info("removing uncommitted %s", path)
+                path.unlink(missing_ok=True)
+
+
+def _device_kind(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return device_kind("cuda", torch.cuda.get_device_name(torch.device(device)))
+    return device_kind("cpu")
+
+
+def build_stages(cfg: RunConfig, job: Job, ranks):
+    """Load the codec and wire decode pool, batcher, writer and claims into this rank's Runner."""
+    import torch
+
+    from pipeline.batching import BatchPolicy
+    from pipeline.claims import Claims
+    from pipeline.codecs import load_codec
+    from pipeline.finalize import codec_info
+    from pipeline.progress import Progress
+    from pipeline.runner import Runner
+    from pipeline.segment import SegmentPolicy
+    from pipeline.workers import DecodePool, DecodeSpec
+    from pipeline.writer import UnitWriter
+
+    codec = load_codec(cfg.codec, torch.device(ranks.device))
+    if codec.channels != 1:
+        raise ValueError(f"{cfg.codec.pretrained} takes {codec.channels}-channel input; only mono codecs are "
+                         "supported (MusicGen stereo encodes L and R with the mono codec: channels=stereo)")
+    n_channels = 2 if cfg.channels == "stereo" else 1
+    info = codec_info(cfg.codec.pretrained, codec.sample_rate, codec.hop_length, codec.num_codebooks,
+                      codec.cardinality, cfg.channels)
+    spec = DecodeSpec(job.source, codec.sample_rate, cfg.channels, cfg.decode.resample_quality,
+                      SegmentPolicy.from_config(cfg.segment, codec.sample_rate))
+    file_meta = {"pipeline.fingerprint": job.plan.fingerprint,
+                 "pipeline.fingerprint_detail": json.dumps(job.plan.fingerprint_detail, sort_keys=True),
+                 "pipeline.codec": json.dumps(info.__dict__), "pipeline.codec_model": json.dumps(codec.fingerprint(), default=str)}
+    writer = UnitWriter(job.layout, job.plan.n_units, info.num_codebooks, file_meta,
+                        cfg.output.compression, cfg.output.compression_level)
+    remaining = job.plan.n_items - sum(len(job.plan.unit_range(u)) for u in job.layout.done_units())
+    return Runner(
+        job.plan, job.items, job.layout, codec,
+        DecodePool(spec, cfg.decode.workers, cfg.decode.timeout_s),
+        Claims(job.layout, cfg.claim_lease_s), writer,
+        BatchPolicy.from_config(cfg.batch, codec.sample_rate, n_channels),
+        Progress(max(1, remaining // ranks.world_size), enabled=cfg.progress and ranks.is_main),
+        start_unit=ranks.rank * job.plan.n_units // ranks.world_size,
+        marker_extra={"fingerprint": job.plan.fingerprint, "codec": info.__dict__, "rank": ranks.rank},
+    )

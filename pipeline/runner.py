@@ -1,0 +1,192 @@
+"""The per-rank work loop: claim units -> decode in workers -> batch -> encode -> commit.
+
+Nothing here is collective: a rank claims units until none is left, so ranks with unequal work never wait
+for each other, and the output does not depend on how many ranks there were.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from pipeline.batching import Batch, Batcher, BatchPolicy
+from pipeline.claims import Claims
+from pipeline.codecs.base import Codec
+from pipeline.encode import encode_batch
+from pipeline.layout import OutputLayout
+from pipeline.plan import Plan
+from pipeline.progress import Progress
+from pipeline.types import AudioItem, EncodedSegment, Failure
+from pipeline.workers import DecodePool, DecodeResult, DecodeTask
+from pipeline.writer import UnitCounts, UnitWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OpenUnit:
+    """A claimed unit being worked on: which items went out, what came back, which rows are encoded."""
+
+    unit: int
+    items: list[AudioItem]
+    submitted: int = 0
+    results: dict[int, DecodeResult] = field(default_factory=dict)  # item index -> result (segments dropped)
+    pending_segments: int = 0
+    rows: list[EncodedSegment] = field(default_factory=list)
+    encode_failures: dict[int, Failure] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.results) == len(self.items) and self.pending_segments == 0
+
+    def counts_and_failures(self) -> tuple[UnitCounts, list[Failure], list[EncodedSegment]]:
+        """Account for every item exactly once: ok (has rows), failed, or skipped by policy."""
+        counts, failures = UnitCounts(items=len(self.items)), []
+        for item in self.items:
+            result = self.results[item.index]
+            failure = self.encode_failures.get(item.index) or result.failure
+            counts.dropped_s += result.dropped_s
+            if failure is not None:
+                counts.add_failure(failure)
+                failures.append(failure)
+            else:
+                counts.ok += 1
+                counts.audio_s += result.audio_s
+        rows = [r for r in self.rows if r.item.index not in self.encode_failures]
+        counts.rows = len(rows)
+        counts.frames = sum(r.n_frames for r in rows)
+        counts.encoded_s = sum(r.duration_s for r in rows)
+        return counts, failures, rows
+
+
+@dataclass
+class RankStats:
+    units: int = 0
+    items: int = 0
+    audio_s: float = 0.0
+    stopped_by_signal: int | None = None
+
+
+class Runner:
+    """Drives one rank. ``run`` returns when no unit is left to claim (or a stop signal arrived).
+
+    Args:
+        max_waiting_units: units whose items are all decoded but whose last segments sit in partial batches;
+            past this many, partial batches are encoded with zero rows so units commit (and memory stays bounded).
+    """
+
+    def __init__(self, plan: Plan, items: list[AudioItem], layout: OutputLayout, codec: Codec, pool: DecodePool,
+                 claims: Claims, writer: UnitWriter, batch_policy: BatchPolicy, progress: Progress,
+                 start_unit: int = 0, marker_extra: dict | None = None, max_waiting_units: int = 2):
+        self.plan, self.items, self.layout, self.codec = plan, items, layout, codec
+        self.pool, self.claims, self.writer, self.progress = pool, claims, writer, progress
+        self.batcher = Batcher(batch_policy)
+        self.start_unit, self.max_waiting_units = start_unit, max_waiting_units
+        self.marker_extra = {**(marker_extra or {}), "host": socket.gethostname()}
+        self.open: dict[int, OpenUnit] = {}
+        self.ready: collections.deque[Batch] = collections.deque()
+        self.no_more_units = False
+        self.stats = RankStats()
+        self._stop_signal: int | None = None
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (SLURM preemption, time limit) and SIGINT: stop after the current batch."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        log.warning("signal %s: stopping after the current batch; uncommitted units are redone on rerun", signum)
+        self._stop_signal = signum
+
+    def run(self) -> RankStats:
+        while self._stop_signal is None:
+            self._feed()
+            for result in self.pool.poll(timeout=0.005 if self.ready else 0.1):
+                self._on_result(result)
+            if self.ready:
+                self._encode(self.ready.popleft())
+            self._maybe_flush()
+            self._commit_complete()
+            if self.no_more_units and not self.open and self.pool.outstanding == 0:
+                break
+        self.stats.stopped_by_signal = self._stop_signal
+        return self.stats
+
+    def _feed(self) -> None:
+        """Keep every worker busy: submit items of open units, claiming a new unit when they are all out."""
+        target = max(2, 2 * self.pool.n_workers + 2)
+        while self.pool.outstanding < target:
+            unit = next((u for u in self.open.values() if u.submitted < len(u.items)), None)
+            if unit is None:
+                unit = self._claim()
+                if unit is None:
+                    return
+            self.pool.submit(DecodeTask(unit.items[unit.submitted], unit.unit))
+            unit.submitted += 1
+
+    def _claim(self) -> OpenUnit | None:
+        if self.no_more_units:
+            return None
+        unit = self.claims.claim_next(self.plan.n_units, self.start_unit)
+        if unit is None:
+            self.no_more_units = True
+            self.ready.extend(self.batcher.flush())  # nothing else will fill the partial batches
+            return None
+        items = [self.items[i] for i in self.plan.unit_range(unit)]
+        self.open[unit] = OpenUnit(unit, items)
+        log.debug("claimed unit %d (%d items)", unit, len(items))
+        return self.open[unit]
+
+    def _on_result(self, result: DecodeResult) -> None:
+        unit = self.open[result.unit]
+        segments, result.segments = result.segments, []  # keep the accounting, not the audio
+        unit.results[result.item.index] = result
+        unit.pending_segments += len(segments)
+        for seg in segments:
+            batch = self.batcher.add(seg)
+            if batch is not None:
+                self.ready.append(batch)
+
+    def _encode(self, batch: Batch) -> None:
+        try:
+            encoded = encode_batch(self.codec, batch)
+        except Exception as e:  # noqa: BLE001 - a batch that cannot be encoded fails its items, not the run
+            log.exception("encode failed for a batch of %d segments", len(batch.segments))
+            for seg in batch.segments:
+                unit = self.open[seg.unit]
+                unit.encode_failures.setdefault(
+                    seg.item.index, Failure(seg.item.id, seg.item.source, "encode", "error", type(e).__name__, str(e))
+                )
+                unit.pending_segments -= 1
+            return
+        for row in encoded:
+            unit = self.open[row.unit]
+            unit.rows.append(row)
+            unit.pending_segments -= 1
+        self.progress.update(audio_s=sum(r.duration_s for r in encoded))
+
+    def _maybe_flush(self) -> None:
+        """Encode partial batches when units would otherwise wait on them for too long."""
+        if self.ready:
+            return
+        waiting = [u for u in self.open.values() if len(u.results) == len(u.items) and u.pending_segments]
+        drained = self.no_more_units and self.pool.outstanding == 0
+        if waiting and (drained or len(waiting) > self.max_waiting_units):
+            self.ready.extend(self.batcher.flush())
+
+    def _commit_complete(self) -> None:
+        for unit in [u for u in self.open.values() if u.complete]:
+            counts, failures, rows = unit.counts_and_failures()
+            extra = {**self.marker_extra, "elapsed_s": round(time.monotonic() - unit.started, 3)}
+            self.writer.commit(unit.unit, rows, failures, counts, extra)
+            self.claims.release(unit.unit)
+            del self.open[unit.unit]
+            self.stats.units += 1
+            self.stats.items += counts.items
+            self.stats.audio_s += counts.audio_s
+            self.progress.update(items=counts.items, failed=counts.failed + counts.skipped)

@@ -1,0 +1,52 @@
+"""The source interface: list the items of a dataset once, then fetch one item's audio in a worker."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.types import AudioItem
+
+
+@dataclass(slots=True)
+class FetchedAudio:
+    """What a worker hands to the decoder for one item.
+
+    Args:
+        data: a local path, or the encoded file's bytes (HF Audio columns, remote objects).
+        name: how the item is named in error messages (path or URL).
+        metadata: fields learned only at fetch time (e.g. a sidecar JSON), merged over the item's metadata.
+    """
+
+    data: str | bytes
+    name: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Source(abc.ABC):
+    """A dataset of audio items. Must be picklable: workers rebuild nothing, they receive it."""
+
+    @abc.abstractmethod
+    def list_items(self) -> list[AudioItem]:
+        """All items, sorted by id, with ``index`` set to their position. Runs once, on rank 0."""
+
+    @abc.abstractmethod
+    def fetch(self, item: AudioItem) -> FetchedAudio:
+        """Get one item's audio (and late metadata). Runs in a decode worker; may raise."""
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this source in the plan (not its items; those are hashed separately)."""
+        return {"kind": type(self).__name__}
+
+
+def number_items(items: list[AudioItem]) -> list[AudioItem]:
+    """Sort by id and set ``index``; refuse duplicate ids, which would make rows ambiguous."""
+    items = sorted(items, key=lambda it: it.id)
+    for prev, cur in zip(items, items[1:]):
+        if prev.id == cur.id:
+            raise ValueError(f"duplicate item id {cur.id!r} ({prev.source} and {cur.source}); ids must be unique")
+    return [
+        AudioItem(id=it.id, source=it.source, index=i, metadata=it.metadata, duration_s=it.duration_s)
+        for i, it in enumerate(items)
+    ]

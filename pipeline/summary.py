@@ -1,0 +1,32 @@
+"""The one-screen summary printed at the end of a run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def print_summary(stats: dict[str, Any] | None, job, rank_stats) -> None:
+    """Print what was produced (when the job is complete) or what this rank did (when others still work)."""
+    lines = ["", "=" * 72]
+    if stats is None:
+        done = len(job.layout.done_units())
+        lines.append(f"this rank committed {rank_stats.units if rank_stats else 0} units; "
+                     f"{done}/{job.plan.n_units} units done in total (other ranks still working, or rerun to finish)")
+    else:
+        lines += [
+            f"output      {job.layout.root}",
+            f"items       {stats['items']} listed: {stats['ok']} ok, {stats['failed']} failed, "
+            f"{stats['skipped']} skipped by policy",
+            f"rows        {stats['rows']} segments, {stats['audio_hours']:.3f} h decoded, "
+            f"{stats['dropped_s']:.1f} s dropped by the segment policy",
+            f"tokens      {stats['tokens']} ({stats['codec']['num_codebooks']} codebooks x "
+            f"{stats['codec']['frame_rate']:g} frames/s), {stats['bits_per_token']} bits/token on disk",
+            f"units       {stats['units']}, fingerprint {stats['fingerprint']}",
+        ]
+        if rank_stats is not None and rank_stats.audio_s:
+            lines.append(f"this rank   {rank_stats.units} units, {rank_stats.audio_s / 3600:.3f} h")
+        if stats["failures_by_reason"]:
+            lines.append(f"failures    {json.dumps(stats['failures_by_reason'])}  (see failures/*.jsonl)")
+    lines.append("=" * 72)
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,108 @@
+"""Entry point: ``python -m pipeline.tokenize dataset=... output.dir=...`` (also under ``accelerate launch``).
+
+``main`` is the only place that sees Hydra; it hands a typed ``RunConfig`` to ``run``, which drives the stages:
+plan -> (read, decode, segment in workers) -> batch -> encode -> write -> finalize.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.config import RunConfig, register_configs
+
+log = logging.getLogger("pipeline.tokenize")
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """This process's place in the launch (from accelerate's PartialState)."""
+
+    rank: int
+    world_size: int
+    device: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_ranks(cfg: RunConfig) -> RankInfo:
+    """Join the launch accelerate/torchrun started (CPU: gloo, GPU: nccl), or run alone."""
+    import torch
+    from accelerate import PartialState
+
+    want_cuda = cfg.codec.device.startswith("cuda") or (cfg.codec.device == "auto" and torch.cuda.is_available())
+    # The only collective is one barrier at start-up, after rank 0 lists the inputs (which can take a while).
+    state = PartialState(cpu=not want_cuda, timeout=timedelta(hours=6))
+    device = str(state.device) if want_cuda else "cpu"
+    if cfg.codec.device.startswith("cuda:"):
+        device = cfg.codec.device
+    return RankInfo(state.process_index, state.num_processes, device)
+
+
+def barrier(ranks: RankInfo) -> None:
+    if ranks.world_size > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def run(cfg: RunConfig) -> int:
+    """Tokenize the configured dataset into ``cfg.output.dir``. Returns the process exit code."""
+    import torch
+
+    from pipeline.prepare import prepare, build_stages
+    from pipeline.summary import print_summary
+
+    torch.set_num_threads(cfg.codec.threads)
+    ranks = setup_ranks(cfg)
+    job = prepare(cfg, ranks, barrier)
+    if job.finished:
+        log.info("all %d units are done already; nothing to encode", job.plan.n_units)
+        stats = job.finalize_if_done() if ranks.is_main else None
+        print_summary(stats, job, None) if ranks.is_main else None
+        return 0
+    runner = build_stages(cfg, job, ranks)
+    runner.install_signal_handlers()
+    try:
+        rank_stats = runner.run()
+    finally:
+        runner.pool.close()
+        runner.progress.close()
+        runner.claims.close(release=True)
+    if rank_stats.stopped_by_signal is not None:
+        log.warning("stopped by signal %d; run the same command again to finish", rank_stats.stopped_by_signal)
+        return 128 + rank_stats.stopped_by_signal
+    stats = job.finalize_if_done()
+    if stats is not None or ranks.is_main:
+        print_summary(stats, job, rank_stats)
+    _shutdown_process_group()
+    return 0
+
+
+def _shutdown_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(dcfg: DictConfig) -> None:
+    cfg = RunConfig.from_dictconfig(dcfg)
+    code = run(cfg)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    register_configs()
+    main()

@@ -1,0 +1,188 @@
+"""Write stage: one unit's rows -> one Parquet file, committed atomically, then its failures, then its marker.
+
+Commit protocol (DESIGN.md): temp file in ``.state/tmp`` -> fsync -> rename into ``data/`` -> failure log ->
+done marker with counts, written last. A visible ``.parquet`` is therefore always whole, and a unit without a
+marker is redone on resume (its stray shard is removed first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.layout import OutputLayout, atomic_write_bytes, atomic_write_json, fsync_dir
+from pipeline.types import EncodedSegment, Failure
+
+# MusicGen / audiocraft ``MusicInfo`` fields get typed columns of their own; every other metadata field goes into
+# the ``metadata`` JSON column, so every shard has the same schema whatever its items carried.
+STRING_FIELDS = ("title", "artist", "description", "genre", "key", "instrument", "name")
+LIST_FIELDS = ("moods", "keywords")
+FLOAT_FIELDS = ("bpm",)
+
+
+def row_schema(num_codebooks: int) -> pa.Schema:
+    """The output row schema (see README "Output schema")."""
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("segment_index", pa.int32()),
+        pa.field("start_s", pa.float64()),
+        pa.field("duration_s", pa.float64()),
+        pa.field("n_samples", pa.int64()),
+        pa.field("n_frames", pa.int32()),
+        # [K][T]: list of K codebooks, each a list of T codes.
+        pa.field("codes", pa.list_(pa.list_(pa.int16())), metadata={"num_codebooks": str(num_codebooks)}),
+        pa.field("sample_rate", pa.int32()),
+        pa.field("source_sample_rate", pa.int32()),
+        pa.field("source_channels", pa.int16()),
+    ]
+    fields += [pa.field(name, pa.string()) for name in STRING_FIELDS]
+    fields += [pa.field(name, pa.float64()) for name in FLOAT_FIELDS]
+    fields += [pa.field(name, pa.list_(pa.string())) for name in LIST_FIELDS]
+    fields.append(pa.field("metadata", pa.string()))
+    return pa.schema(fields)
+
+
+@dataclass
+class UnitCounts:
+    """Per-unit accounting, written in the done marker and merged by finalize.
+
+    ``ok + failed + skipped == items`` always holds for a committed unit.
+    """
+
+    items: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    rows: int = 0
+    frames: int = 0
+    audio_s: float = 0.0  # decoded duration of the ok items
+    encoded_s: float = 0.0  # duration covered by rows
+    dropped_s: float = 0.0  # tails and over-long clip ends dropped by the segment policy
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def add_failure(self, failure: Failure) -> None:
+        if failure.stage == "policy":
+            self.skipped += 1
+        else:
+            self.failed += 1
+        key = f"{failure.stage}:{failure.reason}"
+        self.failures_by_reason[key] = self.failures_by_reason.get(key, 0) + 1
+
+
+class UnitWriter:
+    """Owns shard naming and the commit of a unit (the only code that writes into ``data/``)."""
+
+    def __init__(self, layout: OutputLayout, n_units: int, num_codebooks: int, file_metadata: dict[str, str],
+                 compression: str = "zstd", compression_level: int = 9):
+        self.layout, self.n_units = layout, n_units
+        self.schema = row_schema(num_codebooks).with_metadata({k.encode(): v.encode() for k, v in file_metadata.items()})
+        self.compression, self.compression_level = compression, compression_level
+
+    def commit(self, unit: int, rows: list[EncodedSegment], failures: list[Failure], counts: UnitCounts,
+               marker_extra: dict[str, Any]) -> None:
+        """Write the unit's shard, failure log and marker, in that order."""
+        rows = sorted(rows, key=lambda r: (r.item.index, r.segment_index))
+        self._write_shard(unit, self._table(rows))
+        self._write_failures(unit, failures)
+        atomic_write_json(self.layout.marker(unit), {"unit": unit, "counts": asdict(counts), **marker_extra},
+                          self.layout.tmp)
+
+    def _table(self, rows: list[EncodedSegment]) -> pa.Table:
+        columns: dict[str, Any] = {name: [] for name in self.schema.names}
+        for r in rows:
+            for name, value in _row(r).items():
+                columns[name].append(value)
+        columns["codes"] = codes_array([r.codes for r in rows])
+        return pa.Table.from_pydict(columns, schema=self.schema)
+
+    def _write_shard(self, unit: int, table: pa.Table) -> None:
+        final = self.layout.shard(unit, self.n_units)
+        fd, tmp = tempfile.mkstemp(dir=self.layout.tmp, prefix=f"unit-{unit:05d}.", suffix=".parquet")
+        os.close(fd)
+        try:
+            # Dictionary encoding packs 2048-entry codes into 11-bit indices before zstd.
+            pq.write_table(table, tmp, compression=self.compression, compression_level=self.compression_level,
+                           use_dictionary=True, row_group_size=4096)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        fsync_dir(final.parent)
+
+    def _write_failures(self, unit: int, failures: list[Failure]) -> None:
+        path = self.layout.failure_log(unit)
+        if not failures:
+            path.unlink(missing_ok=True)  # a log left by an earlier attempt of this unit
+            return
+        lines = "".join(json.dumps(asdict(f), ensure_ascii=False) + "\n" for f in failures)
+        atomic_write_bytes(path, lines.encode(), self.layout.tmp)
+
+
+def _row(r: EncodedSegment) -> dict[str, Any]:
+    meta = dict(r.item.metadata)
+    row: dict[str, Any] = {
+        "id": r.item.id,
+        "source": r.item.source,
+        "segment_index": r.segment_index,
+        "start_s": r.start_s,
+        "duration_s": r.duration_s,
+        "n_samples": r.n_samples,
+        "n_frames": r.n_frames,
+        "sample_rate": r.sample_rate,
+        "source_sample_rate": r.source_sample_rate,
+        "source_channels": r.source_channels,
+    }
+    for name in STRING_FIELDS:
+        value = meta.pop(name, None)
+        row[name] = None if value is None else str(value)
+    for name in FLOAT_FIELDS:
+        row[name] = _to_float(meta.pop(name, None))
+    for name in LIST_FIELDS:
+        row[name] = _to_list(meta.pop(name, None))
+    row["metadata"] = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str) if meta else None
+    return row
+
+
+def _to_float(value: Any) -> float | None:
+    try:
+        return None if value is None or value == "" else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _to_list(value: Any) -> list[str] | None:
+    """audiocraft stores moods/keywords as a list or a comma-separated string; normalise to a list."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def codes_array(codes: list[np.ndarray]) -> pa.Array:
+    """``[K, T]`` int16 arrays -> one ``list<list<int16>>`` Arrow array, built from flat buffers (no Python loop
+    over codes)."""
+    values = pa.array(np.concatenate([c.reshape(-1) for c in codes]) if codes else np.zeros(0, np.int16))
+    inner_lengths = np.concatenate([np.full(c.shape[0], c.shape[1]) for c in codes]) if codes else np.zeros(0)
+    inner_offsets = np.concatenate([[0], np.cumsum(inner_lengths)]).astype(np.int32)
+    outer_offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in codes])]).astype(np.int32)
+    inner = pa.ListArray.from_arrays(pa.array(inner_offsets), values)
+    return pa.ListArray.from_arrays(pa.array(outer_offsets), inner)
+
+
+def codes_from_column(cell: Any) -> np.ndarray:
+    """A ``codes`` cell (list of lists, or an Arrow scalar) -> int16 ``[K, T]``."""
+    if hasattr(cell, "as_py"):
+        cell = cell.as_py()
+    return np.asarray(cell, dtype=np.int16)

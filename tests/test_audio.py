@@ -1,0 +1,309 @@
+"""The decode stage on real files generated in tmp_path: formats, rates, channel policies, hostile files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+from pipeline.audio import (
+    AudioError,
+    EmptyFile,
+    NoAudioFrames,
+    NonFiniteAudio,
+    NotAFile,
+    TruncatedAudio,
+    UndecodableAudio,
+    decode_audio,
+    probe_duration,
+)
+from pipeline.testing import dummies
+
+TARGET_SR = 32000
+DURATION_S = 0.5
+
+
+def _reference(audio: np.ndarray, sr: int) -> np.ndarray:
+    """What decode should return for ``audio`` [C, n] at ``sr``: soxr HQ resample to the target rate."""
+    return soxr.resample(np.ascontiguousarray(audio.T), sr, TARGET_SR, quality="HQ").T
+
+
+def _cut(path: Path, keep: float = 0.5) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+# --- lossless: exact length and samples --------------------------------------------------------------------------
+
+# Worst-case per-sample error after averaging and resampling is about one quantization step of the subtype.
+_QUANT_TOL = {"PCM_U8": 1.5e-2, "PCM_16": 1e-4, "PCM_24": 1e-5, "PCM_32": 1e-5, "FLOAT": 1e-5}
+
+
+@pytest.mark.parametrize(
+    ("suffix", "subtype", "sr", "channels"),
+    [
+        (".wav", "PCM_U8", 8000, 1),
+        (".wav", "PCM_16", 16000, 2),
+        (".wav", "PCM_24", 22050, 1),
+        (".wav", "PCM_32", 44100, 6),
+        (".wav", "FLOAT", 48000, 2),
+        (".wav", "PCM_16", 96000, 1),
+        (".flac", "PCM_16", 44100, 2),
+        (".flac", "PCM_24", 96000, 6),
+        (".aiff", "PCM_16", 22050, 2),
+    ],
+)
+def test_lossless_decodes_exactly(tmp_path, suffix, subtype, sr, channels):
+    audio = dummies.synth(DURATION_S, sr, channels, seed=sr)
+    path = dummies.write_audio(tmp_path / f"x{suffix}", audio, sr, subtype)
+
+    out = decode_audio(path, target_sr=TARGET_SR)
+
+    n = audio.shape[1]
+    assert out.samples.shape == (1, round(n * TARGET_SR / sr))  # soxr's output length, measured exact
+    assert out.samples.dtype == np.float32 and out.samples.flags.c_contiguous
+    assert (out.sample_rate, out.source_sample_rate, out.source_channels) == (TARGET_SR, sr, channels)
+    expected = _reference(audio.mean(axis=0, keepdims=True), sr)
+    np.testing.assert_allclose(out.samples, expected, atol=_QUANT_TOL[subtype])
+
+
+def test_same_rate_is_not_resampled(tmp_path):
+    audio = dummies.synth(DURATION_S, TARGET_SR, 1)
+    path = dummies.write_audio(tmp_path / "x.wav", audio, TARGET_SR, "FLOAT")
+    out = decode_audio(path, target_sr=TARGET_SR)
+    np.testing.assert_array_equal(out.samples, audio)
+
+
+# --- lossy and ffmpeg-only formats: length within a codec frame, waveform close -----------------------------------
+
+
+def _sf(suffix):
+    return lambda path, audio, sr: dummies.write_audio(path.with_suffix(suffix), audio, sr)
+
+
+def _av(suffix, codec, **kw):
+    return lambda path, audio, sr: dummies.write_with_av(path.with_suffix(suffix), audio, sr, codec, **kw)
+
+
+def _video(path, audio, sr):
+    return dummies.write_video(path.with_suffix(".mp4"), audio, sr)
+
+
+# (writer, file rate, channels, rate the decoder reports, lag in source samples). libsndfile decodes Ogg Opus at
+# the rate in its header; ffmpeg's opus decoder always gives 48 kHz, but soundfile is tried first. Lags measured:
+# an mp3 without the Xing/LAME header keeps LAME's 576 + 529 samples of encoder+decoder delay (nothing says how
+# much to drop), and ffmpeg's own wmav2 encoder loses the first 2048 samples; every other priming is removed.
+LOSSY = {
+    "ogg-44k-2ch": (_sf(".ogg"), 44100, 2, 44100, 0),
+    "ogg-96k-6ch": (_sf(".ogg"), 96000, 6, 96000, 0),
+    "mp3-44k-2ch": (_sf(".mp3"), 44100, 2, 44100, 0),
+    "mp3-8k-1ch": (_sf(".mp3"), 8000, 1, 8000, 0),
+    "mp3-noxing-48k": (_av(".mp3", "libmp3lame", options={"write_xing": "0"}), 48000, 2, 48000, 1105),
+    "opus-48k-2ch": (_av(".opus", "libopus"), 48000, 2, 48000, 0),
+    "opus-16k-1ch": (_av(".opus", "libopus"), 16000, 1, 16000, 0),
+    "m4a-44k-2ch": (_av(".m4a", "aac"), 44100, 2, 44100, 0),
+    "m4a-96k-1ch": (_av(".m4a", "aac"), 96000, 1, 96000, 0),
+    "m4a-8k-1ch": (_av(".m4a", "aac"), 8000, 1, 8000, 0),
+    "m4a-48k-6ch": (_av(".m4a", "aac"), 48000, 6, 48000, 0),
+    "wma-44k-2ch": (_av(".wma", "wmav2", bit_rate=128000), 44100, 2, 44100, -2048),
+    "mp4-video-48k": (_video, 48000, 2, 48000, 0),
+}
+
+
+@pytest.mark.parametrize("case", LOSSY)
+def test_lossy_and_ffmpeg_formats(tmp_path, case):
+    write, sr, channels, decoded_sr, lag = LOSSY[case]
+    audio = dummies.synth(DURATION_S, sr, channels, seed=1)
+    path = write(tmp_path / "x", audio, sr)
+
+    out = decode_audio(path, target_sr=TARGET_SR)
+
+    assert (out.sample_rate, out.source_sample_rate, out.source_channels) == (TARGET_SR, decoded_sr, channels)
+    # Lossy codecs pad (aac to its 1024-sample frame) or shift (lag above) by under two codec frames.
+    expected_len = round(DURATION_S * TARGET_SR)
+    assert abs(out.samples.shape[1] - expected_len) <= 2304 * TARGET_SR / sr
+    # The waveform lines up at the expected lag, ``out[t + lag] ~ ref[t]``: correlation peaks there (to a sample).
+    ref = _reference(audio.mean(axis=0, keepdims=True), sr)[0]
+    lag = round(lag * TARGET_SR / sr)
+    corr = {k: _corr_at_lag(ref, out.samples[0], k) for k in range(lag - 20, lag + 21)}
+    best = max(corr, key=corr.get)
+    assert abs(best - lag) <= 1 and corr[best] > 0.95, (best, corr[best])
+
+
+def _corr_at_lag(ref: np.ndarray, got: np.ndarray, lag: int) -> float:
+    got, ref = got[max(lag, 0) :], ref[max(-lag, 0) :]
+    n = min(len(ref), len(got)) - 800  # the last few ms may be the codec's padding
+    return float(np.corrcoef(ref[:n], got[:n])[0, 1])
+
+
+def test_bytes_source_matches_path(tmp_path):
+    for path in (
+        dummies.write_audio(tmp_path / "x.flac", dummies.synth(DURATION_S, 44100, 2), 44100),
+        dummies.write_with_av(tmp_path / "x.m4a", dummies.synth(DURATION_S, 44100, 2), 44100),
+    ):
+        from_path = decode_audio(path, target_sr=TARGET_SR)
+        from_bytes = decode_audio(path.read_bytes(), target_sr=TARGET_SR, name=path.name)
+        np.testing.assert_array_equal(from_bytes.samples, from_path.samples)
+
+
+# --- channel policy ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 2, 6])
+def test_stereo_policy(tmp_path, channels):
+    sr = 44100
+    audio = dummies.synth(DURATION_S, sr, channels)
+    path = dummies.write_audio(tmp_path / "x.wav", audio, sr, "FLOAT")
+
+    out = decode_audio(path, target_sr=TARGET_SR, channels="stereo")
+
+    # audiocraft convert_audio_channels: duplicate mono, keep the first two channels otherwise.
+    expected = _reference(np.repeat(audio, 2, axis=0) if channels == 1 else audio[:2], sr)
+    np.testing.assert_allclose(out.samples, expected, atol=1e-5)
+    assert out.source_channels == channels
+
+
+def test_silence_is_valid(tmp_path):
+    path = dummies.write_audio(tmp_path / "x.wav", dummies.synth(DURATION_S, 16000, kind="silence"), 16000)
+    out = decode_audio(path, target_sr=TARGET_SR)
+    assert out.samples.shape == (1, round(DURATION_S * TARGET_SR)) and not out.samples.any()
+
+
+# --- resampler quality -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quality", ["HQ", "VHQ"])
+def test_resampler_matches_analytic_sine(tmp_path, quality):
+    sr, freq = 44100, 1000.0
+    sine = 0.5 * np.sin(2 * np.pi * freq * np.arange(sr) / sr)
+    path = dummies.write_audio(tmp_path / "sine.wav", sine[None].astype(np.float32), sr, "FLOAT")
+
+    out = decode_audio(path, target_sr=TARGET_SR, quality=quality)
+
+    analytic = 0.5 * np.sin(2 * np.pi * freq * np.arange(out.samples.shape[1]) / TARGET_SR)
+    # The first and last few ms ring (the input starts and stops abruptly); judge the steady state.
+    err = np.abs(out.samples[0] - analytic)[1000:-1000]
+    # Measured: max 3.7e-7 (HQ) and 3e-8 (VHQ), i.e. float32 precision; 1e-5 is -100 dBFS.
+    assert err.max() < 1e-5, err.max()
+
+
+# --- hostile files -----------------------------------------------------------------------------------------------
+
+
+def _streaming_wav(path):
+    """A valid WAV whose RIFF and data sizes say "unknown" (0xFFFFFFFF), as ffmpeg writes to a pipe."""
+    path = dummies.write_audio(path, dummies.synth(DURATION_S, 16000), 16000)
+    data = bytearray(path.read_bytes())
+    data[4:8] = data[40:44] = b"\xff\xff\xff\xff"
+    path.write_bytes(bytes(data))
+    return path
+
+
+HOSTILE = {
+    "empty": (lambda d: dummies.write_empty(d / "x.wav"), EmptyFile, "empty"),
+    "header_only": (lambda d: dummies.write_header_only_wav(d / "x.wav"), NoAudioFrames, "no_frames"),
+    "video_without_audio": (lambda d: dummies.write_video(d / "x.mp4", None), NoAudioFrames, "no_frames"),
+    "truncated_wav": (lambda d: dummies.write_truncated_wav(d / "x.wav"), TruncatedAudio, "truncated"),
+    "truncated_aiff": (
+        lambda d: _cut(dummies.write_audio(d / "x.aiff", dummies.synth(1.0, 16000), 16000)),
+        TruncatedAudio,
+        "truncated",
+    ),
+    "nan": (lambda d: dummies.write_nan_wav(d / "x.wav"), NonFiniteAudio, "non_finite"),
+    "inf": (lambda d: dummies.write_nan_wav(d / "x.wav", value=np.inf), NonFiniteAudio, "non_finite"),
+    "garbage": (lambda d: dummies.write_garbage(d / "x.mp3"), UndecodableAudio, "undecodable"),
+    # A cut FLAC loses sync in both libsndfile and ffmpeg, so it is undecodable rather than "truncated".
+    "truncated_flac": (
+        lambda d: _cut(dummies.write_audio(d / "x.flac", dummies.synth(1.0, 16000), 16000)),
+        UndecodableAudio,
+        "undecodable",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+@pytest.mark.parametrize("as_bytes", [False, True], ids=["path", "bytes"])
+def test_hostile_file_raises_typed_error(tmp_path, case, as_bytes):
+    make, error, reason = HOSTILE[case]
+    path = make(tmp_path)
+    source = path.read_bytes() if as_bytes else path
+
+    with pytest.raises(error) as info:
+        decode_audio(source, target_sr=TARGET_SR, name=str(path))
+
+    assert info.value.reason == reason
+    assert str(path) in str(info.value)
+
+
+def test_undecodable_names_every_backend(tmp_path):
+    path = dummies.write_garbage(tmp_path / "x.wav")
+    with pytest.raises(UndecodableAudio, match=r"x\.wav.*soundfile: .*pyav: "):
+        decode_audio(path, target_sr=TARGET_SR)
+
+
+@pytest.mark.parametrize("make", [lambda d: (d / "x.wav").mkdir() or d / "x.wav", lambda d: d / "missing.wav"])
+def test_not_a_file(tmp_path, make):
+    with pytest.raises(NotAFile) as info:
+        decode_audio(make(tmp_path), target_sr=TARGET_SR)
+    assert info.value.reason == "not_a_file" and isinstance(info.value, AudioError)
+
+
+def test_unknown_length_wav_is_not_truncated(tmp_path):
+    out = decode_audio(_streaming_wav(tmp_path / "x.wav"), target_sr=TARGET_SR)
+    assert out.samples.shape[1] == round(DURATION_S * TARGET_SR)
+
+
+def test_unknown_length_flac_falls_back_to_pyav(tmp_path):
+    """STREAMINFO total samples = 0 ("unknown", as streamed encoders write): libsndfile cannot size it, ffmpeg can."""
+    path = dummies.write_audio(tmp_path / "x.flac", dummies.synth(DURATION_S, 16000), 16000)
+    data = bytearray(path.read_bytes())
+    data[21] &= 0xF0  # the low 36 bits of bytes 18..25 are the total sample count
+    data[22:26] = bytes(4)
+    path.write_bytes(bytes(data))
+    out = decode_audio(path, target_sr=TARGET_SR)
+    assert out.samples.shape == (1, round(DURATION_S * TARGET_SR))
+
+
+def test_unclosed_wav_falls_back_to_pyav(tmp_path):
+    """A recorder that crashed before filling in the data size (0): libsndfile reads 0 frames, ffmpeg all."""
+    path = dummies.write_audio(tmp_path / "x.wav", dummies.synth(DURATION_S, 16000), 16000)
+    data = bytearray(path.read_bytes())
+    data[40:44] = bytes(4)
+    path.write_bytes(bytes(data))
+    assert decode_audio(path, target_sr=TARGET_SR).samples.shape == (1, round(DURATION_S * TARGET_SR))
+
+
+def test_slightly_overstated_wav_size_is_not_truncated(tmp_path):
+    """A writer that counts a few header bytes into the data size has not lost audio."""
+    path = dummies.write_audio(tmp_path / "x.wav", dummies.synth(DURATION_S, 16000), 16000)
+    data = bytearray(path.read_bytes())
+    data[40:44] = (int.from_bytes(data[40:44], "little") + 36).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    assert decode_audio(path, target_sr=TARGET_SR).samples.shape == (1, round(DURATION_S * TARGET_SR))
+
+
+def test_bad_arguments_fail_fast(tmp_path):
+    path = dummies.write_audio(tmp_path / "x.wav", dummies.synth(DURATION_S, 16000), 16000)
+    for kwargs in ({"channels": "5.1"}, {"quality": "LQ"}, {"target_sr": 0}):
+        with pytest.raises(ValueError):
+            decode_audio(path, **{"target_sr": TARGET_SR, **kwargs})
+
+
+# --- probe -------------------------------------------------------------------------------------------------------
+
+
+def test_probe_duration(tmp_path):
+    wav = dummies.write_audio(tmp_path / "x.wav", dummies.synth(DURATION_S, 22050), 22050)
+    m4a = dummies.write_with_av(tmp_path / "x.m4a", dummies.synth(DURATION_S, 44100), 44100)
+    assert probe_duration(wav) == pytest.approx(DURATION_S)
+    assert probe_duration(m4a) == pytest.approx(DURATION_S, abs=0.03)
+    assert probe_duration(dummies.write_garbage(tmp_path / "g.wav")) is None
+    assert probe_duration(tmp_path) is None
+    assert probe_duration(tmp_path / "missing.flac") is None
+    # libsndfile's 0 frames may mean "size never written", so the probe asks ffmpeg, which knows nothing either.
+    assert probe_duration(dummies.write_header_only_wav(tmp_path / "h.wav")) is None
+    assert sf.info(str(wav)).frames == round(DURATION_S * 22050)

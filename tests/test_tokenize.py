@@ -1,0 +1,174 @@
+"""End to end on real files: rows, schema, frame counts, accounting, metadata, load_dataset, token identity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import EncodecModel
+
+from helpers import base_overrides, compose, frames_for, make_corpus, read_rows
+from pipeline.audio import decode_audio
+from pipeline.batching import BatchPolicy
+from pipeline.segment import SegmentPolicy
+from pipeline.tokenize import run
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    make_corpus(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenized(corpus, tmp_path_factory, tiny_codec_dir):
+    out = tmp_path_factory.mktemp("out")
+    cfg = compose(base_overrides(corpus, out, tiny_codec_dir))
+    assert run(cfg) == 0
+    return cfg, out
+
+
+def test_every_item_accounted_for(tokenized, corpus):
+    cfg, out = tokenized
+    stats = json.loads((out / "stats.json").read_text())
+    n_inputs = len([p for p in corpus.rglob("*") if p.suffix in (".wav", ".flac", ".ogg", ".mp3")])
+    assert stats["items"] == n_inputs == 8
+    assert stats["ok"] + stats["failed"] + stats["skipped"] == n_inputs
+    assert (stats["ok"], stats["failed"], stats["skipped"]) == (7, 0, 1)
+    assert stats["failures_by_reason"] == {"policy:too_short": 1}
+    ledger = [json.loads(line) for f in (out / "failures").glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert [(r["item_id"], r["reason"]) for r in ledger] == [("d/tiny.wav", "too_short")]
+    rows = read_rows(out)
+    assert stats["rows"] == len(rows)
+    assert {item for item, _ in rows} == {"a/long_song.flac", "a/short.wav", "b/float.wav", "b/eight_bit.wav",
+                                          "c/vorbis.ogg", "c/lame.mp3", "d/six_channels.wav"}
+
+
+def test_rows_frames_and_dropped_tails(tokenized, corpus):
+    cfg, out = tokenized
+    rows = read_rows(out)
+    # 23.5 s at 10 s windows: 10 + 10 + 3.5 s; 12.3 s: 10 + 2.3 s; 4.2 s: one short window.
+    assert sorted(s for i, s in rows if i == "a/long_song.flac") == [0, 1, 2]
+    assert sorted(s for i, s in rows if i == "c/vorbis.ogg") == [0, 1]
+    for (item, seg), row in rows.items():
+        assert row["n_frames"] == frames_for(row["n_samples"]) == row["codes"].shape[1]
+        assert row["codes"].shape[0] == 4
+        assert row["start_s"] == pytest.approx(10.0 * seg)
+        assert row["duration_s"] == pytest.approx(row["n_samples"] / 32000)
+        assert row["sample_rate"] == 32000
+    long = rows[("a/long_song.flac", 2)]
+    assert long["n_samples"] == round(23.5 * 32000) - 2 * 320000
+    assert (long["source_sample_rate"], long["source_channels"]) == (44100, 2)
+    assert rows[("d/six_channels.wav", 0)]["source_channels"] == 6
+    # Only the skipped 0.3 s item is dropped at min_s = 1.
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["dropped_s"] == pytest.approx(0.3, abs=1e-3)
+
+
+def test_short_tails_dropped_and_counted(corpus, tmp_path, tiny_codec_dir):
+    out = tmp_path / "out"
+    assert run(compose(base_overrides(corpus, out, tiny_codec_dir, "segment.min_s=3", "dataset.limit=6"))) == 0
+    rows = read_rows(out)
+    stats = json.loads((out / "stats.json").read_text())
+    # long_song keeps its 3.5 s tail; vorbis loses its 2.3 s tail; b/eight_bit (3.0 s) stays whole.
+    assert sorted(s for i, s in rows if i == "a/long_song.flac") == [0, 1, 2]
+    assert sorted(s for i, s in rows if i == "c/vorbis.ogg") == [0]
+    assert stats["dropped_s"] == pytest.approx(2.3, abs=1e-3)
+    assert stats["ok"] + stats["failed"] + stats["skipped"] == stats["items"] == 6
+
+
+def test_codes_are_spread(tokenized):
+    _, out = tokenized
+    codes = np.concatenate([r["codes"] for r in read_rows(out).values()], axis=1)
+    for k in range(4):
+        assert len(np.unique(codes[k])) > 100, f"codebook {k} uses only {len(np.unique(codes[k]))} codes"
+    assert codes.min() >= 0 and codes.max() < 2048
+
+
+def test_sidecar_metadata_round_trip(tokenized):
+    _, out = tokenized
+    row = read_rows(out)[("a/long_song.flac", 0)]
+    assert (row["title"], row["artist"], row["genre"], row["bpm"]) == ("Long song", "Tester", "rock", 128.0)
+    assert row["moods"] == ["happy", "loud"] and row["keywords"] == ["guitar", "drums"]
+    assert json.loads(row["metadata"]) == {"label": "none", "year": 2024}
+    assert read_rows(out)[("a/short.wav", 0)]["title"] is None
+
+
+def test_load_dataset_reads_output(tokenized):
+    from datasets import load_dataset
+
+    _, out = tokenized
+    ds = load_dataset(str(out), split="train")
+    rows = read_rows(out)
+    assert len(ds) == len(rows)
+    first = ds[0]
+    np.testing.assert_array_equal(np.asarray(first["codes"]), rows[(first["id"], first["segment_index"])]["codes"])
+    card = (out / "README.md").read_text()
+    assert "configs:" in card and "data/*.parquet" in card
+
+
+def test_fingerprint_in_every_shard(tokenized):
+    import pyarrow.parquet as pq
+
+    _, out = tokenized
+    plan = json.loads((out / ".state/plan.json").read_text())
+    for shard in (out / "data").glob("*.parquet"):
+        meta = pq.read_schema(shard).metadata
+        assert meta[b"pipeline.fingerprint"].decode() == plan["fingerprint"]
+        detail = json.loads(meta[b"pipeline.fingerprint_detail"])
+        assert detail["batch"]["max_audio_s"] == 40 and detail["codec"]["dtype"] == "float32"
+
+
+def _reference_codes(model, audio, policy, batch_rows, position, seed):
+    """EncodecModel.encode of one segment zero-padded to its padded length, in a batch of the pipeline's shape,
+    at ``position`` among random other rows."""
+    padded = policy.padded_len(audio.shape[-1])
+    rng = np.random.default_rng(seed)
+    batch = rng.uniform(-0.5, 0.5, (batch_rows, 1, padded)).astype(np.float32)
+    batch[position] = 0.0
+    batch[position, 0, : audio.shape[-1]] = audio[0]
+    with torch.inference_mode():
+        codes = model.encode(torch.from_numpy(batch)).audio_codes[0, position]
+    return codes[:, : frames_for(audio.shape[-1])].numpy()
+
+
+def test_token_identity_with_encodec_encode(tokenized, corpus, tiny_codec_dir):
+    """Every row equals EncodecModel.encode of its segment padded as DESIGN.md defines, in a batch of the
+    pipeline's shape, whichever rows share its batch and wherever it sits in it."""
+    cfg, out = tokenized
+    model = EncodecModel.from_pretrained(tiny_codec_dir).eval()
+    policy = SegmentPolicy.from_config(cfg.segment, 32000)
+    batch_policy = BatchPolicy.from_config(cfg.batch, 32000, 1)
+    torch.set_num_threads(cfg.codec.threads)
+    for i, ((item, seg), row) in enumerate(sorted(read_rows(out).items())):
+        audio = decode_audio(str(corpus / item), target_sr=32000)
+        start = round(row["start_s"] * 32000)
+        segment = audio.samples[:, start : start + row["n_samples"]]
+        rows = batch_policy.rows_for(policy.padded_len(segment.shape[-1]))
+        expected = _reference_codes(model, segment, policy, rows, position=i % rows, seed=i)
+        np.testing.assert_array_equal(row["codes"], expected, err_msg=f"{item} segment {seg}")
+
+
+def test_same_codes_whatever_the_order_and_batch_mates(tokenized, corpus, tmp_path, tiny_codec_dir):
+    """A different item set (so other batch-mates and other units) and other unit sizes: same rows."""
+    cfg, out = tokenized
+    subset = tmp_path / "subset"
+    for name in ("a/long_song.flac", "c/vorbis.ogg", "d/six_channels.wav"):
+        (subset / name).parent.mkdir(parents=True, exist_ok=True)
+        (subset / name).write_bytes((corpus / name).read_bytes())
+    out2 = tmp_path / "out2"
+    assert run(compose(base_overrides(subset, out2, tiny_codec_dir, "output.unit_size=1", "decode.workers=1"))) == 0
+    full, part = read_rows(out), read_rows(out2)
+    assert set(part) <= set(full) and len(part) == 6
+    for key, row in part.items():
+        np.testing.assert_array_equal(row["codes"], full[key]["codes"], err_msg=str(key))
+
+
+def test_rerun_of_finished_job_does_no_work(tokenized, capsys):
+    cfg, out = tokenized
+    before = {p: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")}
+    assert run(cfg) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")} == before
