@@ -51,6 +51,10 @@ class OutputLayout:
     def items(self) -> Path:
         return self.state / "items.jsonl"
 
+    @property
+    def finalize_claim(self) -> Path:
+        return self.state / "finalize.claim"
+
     def shard(self, unit: int, n_units: int) -> Path:
         """``data/train-00042-of-00128.parquet``: the Hub's shard naming, so the split is inferred by any loader."""
         return self.data / f"train-{unit:05d}-of-{n_units:05d}.parquet"

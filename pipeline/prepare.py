@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,19 @@ class Job:
         return self.layout.done_units() >= set(range(self.plan.n_units))
 
     def finalize_if_done(self) -> dict[str, Any] | None:
-        """Merge stats and write the card when every unit is done (whichever rank gets here last does it)."""
-        if not self.finished:
+        """Merge stats and write the card once every unit is done: the first rank to claim it does it, once."""
+        if not self.finished or not self._claim_finalize():
             return None
         marker = json.loads(self.layout.marker(0).read_text())
         return finalize(self.layout, self.plan, CodecInfo(**marker["codec"]))
+
+
+    def _claim_finalize(self) -> bool:
+        try:
+            os.close(os.open(self.layout.finalize_claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
 
 
 def prepare(cfg: RunConfig, ranks, barrier: Callable) -> Job:
@@ -76,6 +85,8 @@ def _plan_on_main(cfg: RunConfig, layout: OutputLayout, source: Source, detail: 
         return new, items
     check_same_job(old, new, layout.root)
     layout.make_dirs()
+    # A new run finalizes again (stats may change with retry_failed; a crash may have cut the last finalize).
+    layout.finalize_claim.unlink(missing_ok=True)
     if cfg.output.retry_failed:
         _reopen_failed_units(layout, old)
     _clean_uncommitted(layout, cfg.claim_lease_s)
@@ -114,13 +125,17 @@ def _device_kind(device: str) -> str:
     return device_kind("cpu")
 
 
-def build_stages(cfg: RunConfig, job: Job, ranks):
-    """Load the codec and wire decode pool, batcher, writer and claims into this rank's Runner."""
-    import torch
+def looks_finished(cfg: RunConfig) -> bool:
+    """A cheap look before loading anything: does the output folder already hold every unit's marker?"""
+    layout = OutputLayout(Path(cfg.output.dir).expanduser().resolve())
+    plan = load_plan(layout)
+    return cfg.output.mode == "resume" and plan is not None and layout.done_units() >= set(range(plan.n_units))
 
+
+def build_stages(cfg: RunConfig, job: Job, ranks, codec):
+    """Wire the loaded codec, decode pool, batcher, writer and claims into this rank's Runner."""
     from pipeline.batching import BatchPolicy
     from pipeline.claims import Claims
-    from pipeline.codecs import load_codec
     from pipeline.finalize import codec_info
     from pipeline.progress import Progress
     from pipeline.runner import Runner
@@ -128,7 +143,6 @@ def build_stages(cfg: RunConfig, job: Job, ranks):
     from pipeline.workers import DecodePool, DecodeSpec
     from pipeline.writer import UnitWriter
 
-    codec = load_codec(cfg.codec, torch.device(ranks.device))
     if codec.channels != 1:
         raise ValueError(f"{cfg.codec.pretrained} takes {codec.channels}-channel input; only mono codecs are "
                          "supported (MusicGen stereo encodes L and R with the mono codec: channels=stereo)")

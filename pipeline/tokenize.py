@@ -59,18 +59,24 @@ def run(cfg: RunConfig) -> int:
     """Tokenize the configured dataset into ``cfg.output.dir``. Returns the process exit code."""
     import torch
 
-    from pipeline.prepare import prepare, build_stages
+    from pipeline.codecs import load_codec
+    from pipeline.prepare import build_stages, looks_finished, prepare
     from pipeline.summary import print_summary
 
     torch.set_num_threads(cfg.codec.threads)
     ranks = setup_ranks(cfg)
+    # Load the codec before anything is written, so a missing checkpoint stops the run with nothing to undo;
+    # skipped when the folder is already complete (a rerun of a finished job does no work).
+    codec = None if looks_finished(cfg) else load_codec(cfg.codec, torch.device(ranks.device))
     job = prepare(cfg, ranks, barrier)
     if job.finished:
         log.info("all %d units are done already; nothing to encode", job.plan.n_units)
         stats = job.finalize_if_done() if ranks.is_main else None
         print_summary(stats, job, None) if ranks.is_main else None
         return 0
-    runner = build_stages(cfg, job, ranks)
+    if codec is None:  # finished-looking folder that turned out unfinished (e.g. retry_failed)
+        codec = load_codec(cfg.codec, torch.device(ranks.device))
+    runner = build_stages(cfg, job, ranks, codec)
     runner.install_signal_handlers()
     try:
         rank_stats = runner.run()
@@ -97,8 +103,16 @@ def _shutdown_process_group() -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(dcfg: DictConfig) -> None:
+    from pipeline.codecs.encodec import CodecLoadError
+    from pipeline.plan import PlanMismatch
+
     cfg = RunConfig.from_dictconfig(dcfg)
-    code = run(cfg)
+    try:
+        code = run(cfg)
+    except (CodecLoadError, PlanMismatch, ValueError) as e:
+        # Our own refusals carry a message written for the user; a traceback would only bury it.
+        log.error("%s", e)
+        sys.exit(2)
     if code:
         sys.exit(code)
 

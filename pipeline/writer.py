@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,6 +93,7 @@ class UnitWriter:
         """Write the unit's shard, failure log and marker, in that order."""
         rows = sorted(rows, key=lambda r: (r.item.index, r.segment_index))
         self._write_shard(unit, self._table(rows))
+        fault_point("after_rename")
         self._write_failures(unit, failures)
         atomic_write_json(self.layout.marker(unit), {"unit": unit, "counts": asdict(counts), **marker_extra},
                           self.layout.tmp)
@@ -114,6 +116,7 @@ class UnitWriter:
                            use_dictionary=True, row_group_size=4096)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            fault_point("before_rename")
             os.replace(tmp, final)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -127,6 +130,23 @@ class UnitWriter:
             return
         lines = "".join(json.dumps(asdict(f), ensure_ascii=False) + "\n" for f in failures)
         atomic_write_bytes(path, lines.encode(), self.layout.tmp)
+
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Crash-test hook: ``PIPELINE_FAULT=after_rename:2`` SIGKILLs this process the 2nd time it gets here.
+
+    The crash tests use it to kill at the exact moments that matter (temp written, shard renamed without marker);
+    unset, it costs one dict lookup per unit.
+    """
+    spec = os.environ.get("PIPELINE_FAULT")
+    if not spec or not spec.startswith(name):
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] >= int(spec.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _row(r: EncodedSegment) -> dict[str, Any]:

@@ -62,7 +62,7 @@ class EncodecCodec(Codec):
                 f"codec.num_codebooks={cfg.num_codebooks}, but EnCodec at {self.bandwidth} kbps has "
                 f"{self.num_codebooks} codebooks; EnCodec picks K with codec.bandwidth, leave num_codebooks null"
             )
-        # Models that normalise loudness or chunk the input (24/48 kHz variants) go through model.encode; the
+        # Models that normalise loudness or chunk the input (the 48 kHz one) go through model.encode; the
         # 32 kHz MusicGen model does neither, and takes the direct encoder -> RVQ path.
         self._via_model_encode = bool(config.normalize) or config.chunk_length_s is not None
         _check_chunking(config)

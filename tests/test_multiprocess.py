@@ -1,0 +1,209 @@
+"""Real multi-process runs (torchrun, gloo on CPU) and crash/resume: the output never depends on how it was made."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import read_rows
+from pipeline.testing.dummies import synth, write_audio
+
+N_ITEMS = 40
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mp_corpus")
+    rng = np.random.default_rng(0)
+    for i in range(N_ITEMS):
+        seconds = float(rng.uniform(1.5, 6.0))
+        write_audio(root / f"clip_{i:02d}.wav", synth(seconds, 16000, 1 + i % 2, "music", seed=i), 16000)
+    write_audio(root / "zz_short.wav", synth(0.2, 16000, 1, "music", seed=99), 16000)  # skipped by policy
+    return root
+
+
+def cli_args(corpus: Path, out: Path, codec: Path, *extra: str) -> list[str]:
+    return [f"dataset.path={corpus}", "dataset=folder", f"output.dir={out}", f"codec.pretrained={codec}",
+            "segment.length_s=4", "segment.min_s=0.5", "batch.max_audio_s=16", "output.unit_size=2",
+            "decode.workers=1", "progress=false", "claim_lease_s=5", *extra]
+
+
+def launch(nproc: int, args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """Start a run as users do: one process, or torchrun with ``nproc`` ranks."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "pipeline.tokenize", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(random.randint(20000, 40000)), "-m", "pipeline.tokenize", *args]
+    return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every descendant at once (torchrun starts its ranks in sessions of their own, so
+    a process-group kill would miss them)."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.communicate(timeout=60)
+
+
+def assert_same_output(out: Path, ref: Path, same_units: bool = True) -> None:
+    """Same rows, same codes; nothing lost, nothing duplicated, every shard whole, no temp file visible."""
+    rows, expected = read_rows(out), read_rows(ref)  # read_rows asserts no duplicate (id, segment)
+    assert rows.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(rows[key]["codes"], expected[key]["codes"], err_msg=str(key))
+    names = sorted(p.name for p in (out / "data").iterdir())
+    if same_units:
+        assert names == sorted(p.name for p in (ref / "data").iterdir())
+    assert len(names) == len(list((out / ".state/done").glob("*.json"))), "a shard without marker, or the reverse"
+    stats, ref_stats = json.loads((out / "stats.json").read_text()), json.loads((ref / "stats.json").read_text())
+    for key in ("items", "ok", "failed", "skipped", "rows", "frames"):
+        assert stats[key] == ref_stats[key], key
+    assert stats["ok"] + stats["failed"] + stats["skipped"] == N_ITEMS + 1
+    assert not list((out / ".state" / "tmp").iterdir()), "temp files left behind"
+    assert not list((out / ".state" / "claims").glob("unit-*")), "claims left behind"
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory, tiny_codec_dir) -> Path:
+    """One process, uninterrupted."""
+    out = tmp_path_factory.mktemp("ref")
+    finish(launch(1, cli_args(corpus, out, tiny_codec_dir)))
+    return out
+
+
+def test_two_processes_equal_one(corpus, reference, tmp_path, tiny_codec_dir):
+    out = tmp_path / "out"
+    log = finish(launch(2, cli_args(corpus, out, tiny_codec_dir)))
+    assert_same_output(out, reference)
+    markers = [json.loads(p.read_text()) for p in (out / ".state/done").glob("*.json")]
+    assert {m["rank"] for m in markers} == {0, 1}, "both ranks should have claimed units"
+    assert log.count("output      ") == 1, "finalize summary should be printed once"
+
+
+def test_kill9_five_times_then_resume(corpus, reference, tmp_path, tiny_codec_dir):
+    """SIGKILL a 2-process run 5 times in a row (mid-run at random, right before a shard's rename, right after
+    it and before its marker), then resume: the output equals the uninterrupted run."""
+    out = tmp_path / "out"
+    args = cli_args(corpus, out, tiny_codec_dir, "output.unit_size=1")
+    rng = random.Random(1234)
+    faults = [None, "before_rename:2", None, "after_rename:1", None]
+    n_units = N_ITEMS + 1
+    for fault in faults:
+        proc = launch(2, args, {"PIPELINE_FAULT": fault} if fault else None)
+        if fault:
+            _wait_for_death_of_a_rank(proc, timeout=120)
+        else:
+            _wait_for_markers(out, proc, target=len(_done(out)) + rng.randint(1, 2), timeout=120)
+            time.sleep(rng.uniform(0.0, 0.05))
+        kill_group(proc)
+        assert len(_done(out)) < n_units, "the run finished before the kill; the test would prove nothing"
+        _assert_visible_shards_whole(out)
+    finish(launch(2, args))
+    assert_same_output(out, reference, same_units=False)  # other unit size, same rows
+
+
+def test_resume_with_other_world_size_and_refuse_changed_config(corpus, reference, tmp_path, tiny_codec_dir):
+    out = tmp_path / "out"
+    args = cli_args(corpus, out, tiny_codec_dir)
+    proc = launch(2, args)
+    _wait_for_markers(out, proc, target=2, timeout=120)
+    kill_group(proc)
+    finish(launch(1, args))
+    assert_same_output(out, reference)
+    changed = launch(1, cli_args(corpus, out, tiny_codec_dir, "segment.length_s=5"))
+    log, _ = changed.communicate(timeout=120)
+    assert changed.returncode == 2
+    assert "holds a different job" in log and "segment.length_s: 4.0 -> 5.0" in log and "output.mode=overwrite" in log
+
+
+def test_a_run_that_dies_for_good(corpus, reference, tmp_path, tiny_codec_dir):
+    """Two independent launches share one folder (as SLURM array tasks do); one is SIGKILLed for good. The other
+    takes over its claimed units (dead owner on this host) and finishes; a rerun does no work."""
+    out = tmp_path / "out"
+    args = cli_args(corpus, out, tiny_codec_dir)
+    doomed = launch(1, args, {"PIPELINE_FAULT": "after_rename:1"})
+    survivor = launch(1, args)
+    _wait_for_death_of_a_rank(doomed, timeout=120)
+    kill_group(doomed)
+    finish(survivor)
+    if not (out / "stats.json").exists():  # the survivor may have ended before the death made claims stale
+        finish(launch(1, args))
+    assert_same_output(out, reference)
+    before = {p: p.stat().st_mtime_ns for p in (out / "data").iterdir()}
+    log = finish(launch(1, args))
+    assert "nothing to encode" in log
+    assert {p: p.stat().st_mtime_ns for p in (out / "data").iterdir()} == before
+
+
+def _done(out: Path) -> list[Path]:
+    return list((out / ".state/done").glob("*.json")) if (out / ".state/done").exists() else []
+
+
+def _wait_for_markers(out: Path, proc: subprocess.Popen, target: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_done(out)) < target:
+        assert proc.poll() is None, f"run ended early: {proc.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.02)
+
+
+def _wait_for_death_of_a_rank(proc: subprocess.Popen, timeout: float) -> None:
+    """The fault hook SIGKILLs one process; torchrun then tears the others down, a lone process just ends."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the injected fault never fired")
+
+
+def _assert_visible_shards_whole(out: Path) -> None:
+    import pyarrow.parquet as pq
+
+    for shard in (out / "data").glob("*.parquet"):
+        pq.read_table(shard)  # raises on a partial file
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_stops_cleanly(corpus, reference, tmp_path, tiny_codec_dir, sig):
+    """SLURM's warning signals: the run stops within seconds, releases its claims, leaves no temp file; rerun
+    finishes the job."""
+    out = tmp_path / "out"
+    args = cli_args(corpus, out, tiny_codec_dir, "output.unit_size=1")
+    proc = launch(1, args)
+    _wait_for_markers(out, proc, target=2, timeout=120)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    log, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 10, "did not stop within seconds"
+    assert proc.returncode == 128 + sig, log[-3000:]
+    assert "run the same command again" in log
+    assert not list((out / ".state/claims").glob("unit-*")), "claims not released"
+    assert not list((out / ".state/tmp").iterdir())
+    assert len(_done(out)) < N_ITEMS + 1
+    finish(launch(1, args))
+    assert_same_output(out, reference, same_units=False)
