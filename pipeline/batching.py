@@ -88,8 +88,3 @@ class Batcher:
         batches = list(self._open.values())
         self._open.clear()
         return batches
-
-    @property
-    def pending_units(self) -> set[int]:
-        """Units that still have segments waiting in a partial batch."""
-        return {seg.unit for batch in self._open.values() for seg in batch.segments}

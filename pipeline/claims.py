@@ -118,12 +118,6 @@ class Claims:
         self.held.discard(unit)
         self.layout.claim(unit).unlink(missing_ok=True)
 
-    def live_claims(self) -> int:
-        """Units claimed by someone else and not stale (work still going on elsewhere)."""
-        done = self.layout.done_units()
-        units = [int(n[5:10]) for n in os.listdir(self.layout.claims) if n.startswith("unit-")]
-        return sum(1 for u in units if u not in done and u not in self.held and not self._is_stale(u))
-
     def _heartbeat(self) -> None:
         while not self._stop.wait(max(0.5, self.lease_s / 4)):
             for unit in list(self.held):

@@ -7,7 +7,6 @@ It is idempotent (atomic writes of pure functions of the markers), so two ranks 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -130,7 +129,3 @@ def codec_info(pretrained: str, sample_rate: int, hop_length: int, num_codebooks
     """Output-level codec description (stereo doubles K through interleaving)."""
     k = num_codebooks * (2 if channels == "stereo" else 1)
     return CodecInfo(pretrained, sample_rate, sample_rate / hop_length, k, cardinality, channels)
-
-
-def is_finished(layout: OutputLayout, plan: Plan) -> bool:
-    return len(layout.done_units()) >= plan.n_units and math.isfinite(plan.n_units)

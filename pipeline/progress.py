@@ -35,7 +35,7 @@ class Progress:
             self.bar.total = max(self.audio_s, self.audio_s / self.items * self.total_items) / 3600
         self.bar.update(audio_s / 3600)
         self.bar.set_postfix_str(
-            f"{self.realtime_factor:.1f}x realtime, items {self.items}/{self.total_items}, failed {self.failed}",
+            f"{self.realtime_factor:.1f}x realtime, items {self.items}/{self.total_items}, failed or skipped {self.failed}",
             refresh=False,
         )
 
