@@ -19,18 +19,24 @@ class DatasetConfig:
     """Where the items come from. ``kind`` picks the source (``pipeline.sources``)."""
 
     kind: str = "folder"
-    # folder: directory to scan recursively; manifest: the manifest file; hf: dataset name or directory.
+    # folder: directory to scan recursively; manifest: the manifest file; hf: hub name, save_to_disk directory,
+    # or Parquet/Arrow files (directory, glob, file). Local paths or fsspec URLs (s3://bucket/prefix, gs://...).
     path: str = MISSING
-    # folder: file endings that count as audio (lower case, no dot).
+    # fsspec options (a dict) for URL inputs: dataset.storage_options='{client_kwargs: {endpoint_url: ...}}'.
+    # Typed Any with a None default because Hydra cannot override an empty or None dict node from the command
+    # line. Hydra saves this config under <out>/.logs: leave credentials to the environment (AWS_ACCESS_KEY_ID).
+    storage_options: Any = None
+    # folder: file endings that count as audio (matched case-insensitively, no dot).
     extensions: list[str] = field(
         default_factory=lambda: ["wav", "flac", "mp3", "ogg", "opus", "m4a", "aac", "aiff", "aif", "wma", "webm", "mp4"]
     )
-    # folder: read audiocraft-style sidecar metadata (song.flac + song.json) into row columns.
+    # folder/manifest: read audiocraft-style sidecar metadata (song.flac + song.json) into row columns.
     sidecar_json: bool = True
     follow_symlinks: bool = True
     # manifest: relative paths resolve against this (default: the manifest's folder).
     root: str | None = None
-    # manifest (csv): the column holding the audio path; manifest/hf: column holding the id (None: derived).
+    # manifest: the field holding the audio path; manifest/hf: the field holding the id (None: derived from the
+    # path relative to root / the audio path if unique, else row-000042).
     path_column: str = "path"
     id_column: str | None = None
     # hf: dataset config name, split, streaming, audio column, metadata columns to carry (None: all scalar ones).
@@ -57,6 +63,9 @@ class CodecConfig:
     bandwidth: float | None = None
     # Number of codebooks to keep (DAC/Mimi); None = all.
     num_codebooks: int | None = None
+    # Accept EnCodec models whose chunks overlap (48 kHz: 1 s chunks every 0.99 s). Their codes are the chunks'
+    # codes one after another (150 frames per chunk), not one stream at the frame rate; refused unless true.
+    overlapping_chunks: bool = False
     # auto | cpu | cuda | cuda:N
     device: str = "auto"
     # Encoder compute dtype: float32 or bfloat16 (autocast; the RVQ always runs in IEEE fp32).

@@ -91,6 +91,11 @@ configs:
   data_files:
   - split: train
     path: data/*.parquet
+# Different for every output: datasets caches a local folder by its name and this YAML, so without it two
+# folders of the same name could load each other's rows from the cache.
+dataset_info:
+  config_name: default
+  download_size: {stats['shard_bytes']}
 tags:
 - audio-tokens
 - encodec

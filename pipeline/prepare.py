@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +17,7 @@ from pipeline.finalize import CodecInfo, finalize
 from pipeline.layout import OutputLayout
 from pipeline.plan import (Plan, PlanMismatch, build_plan, check_same_job, device_kind, fingerprint_detail,
                            fingerprint_of, load_items, load_plan, save_plan, wipe)
+from pipeline.retry import drop_stale_stashes, reopen_failed_units
 from pipeline.sources import Source, build_source
 from pipeline.types import AudioItem
 
@@ -87,34 +89,37 @@ def _plan_on_main(cfg: RunConfig, layout: OutputLayout, source: Source, detail: 
     layout.make_dirs()
     # A new run finalizes again (stats may change with retry_failed; a crash may have cut the last finalize).
     layout.finalize_claim.unlink(missing_ok=True)
+    drop_stale_stashes(layout)
     if cfg.output.retry_failed:
-        _reopen_failed_units(layout, old)
+        reopened = reopen_failed_units(layout, old.n_units)
+        log.info("retry_failed: %d unit(s) reopened for their failed items only", len(reopened))
     _clean_uncommitted(layout, cfg.claim_lease_s)
     log.info("resuming: %d of %d units done", len(layout.done_units()), old.n_units)
     return old, items
 
 
-def _reopen_failed_units(layout: OutputLayout, plan: Plan) -> None:
-    """``output.retry_failed``: units with failures lose their marker and are redone; their ok rows come out
-    identical (a row's codes depend on audio and config only), the failed items get another chance."""
-    for log_path in layout.failures.glob("unit-*.jsonl"):
-        unit = int(_UNIT.search(log_path.name).group(1))
-        layout.marker(unit).unlink(missing_ok=True)
-        log.info("retry_failed: reopening unit %d", unit)
-
-
 def _clean_uncommitted(layout: OutputLayout, lease_s: float) -> None:
-    """Remove shards, failure logs and temp files of units that have no marker and no live claim (a crash's
-    leftovers). Units another live run is writing right now are left alone."""
+    """Remove what a crash left: shards, failure logs and temp files of units with no marker and no live claim,
+    claims of units that are done (owner killed between marker and release), and stray temp files. Units another
+    live run is writing right now are left alone."""
     done = layout.done_units()
-    for folder in (layout.data, layout.failures, layout.tmp):
+    for folder in (layout.data, layout.failures, layout.tmp, layout.claims):
         for path in folder.iterdir():
-            match = _UNIT.search(path.name)
-            if match is None or int(match.group(1)) in done and folder is not layout.tmp:
-                continue
-            if claim_state(layout, int(match.group(1)), lease_s) != "live":
-                log.info("removing uncommitted %s", path)
+            if _is_leftover(layout, folder, path, done, lease_s):
+                log.info("removing leftover %s", path)
                 path.unlink(missing_ok=True)
+
+
+def _is_leftover(layout: OutputLayout, folder: Path, path: Path, done: set[int], lease_s: float) -> bool:
+    match = _UNIT.search(path.name)
+    if match is None:  # temp files of plan/stats writes, renamed-away stale claims
+        return folder in (layout.tmp, layout.claims) and time.time() - path.stat().st_mtime > lease_s
+    unit = int(match.group(1))
+    if folder == layout.claims:
+        return unit in done
+    if unit in done and folder != layout.tmp:
+        return False
+    return claim_state(layout, unit, lease_s) != "live"
 
 
 def _device_kind(device: str) -> str:
@@ -144,8 +149,10 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
     from pipeline.writer import UnitWriter
 
     if codec.channels != 1:
-        raise ValueError(f"{cfg.codec.pretrained} takes {codec.channels}-channel input; only mono codecs are "
-                         "supported (MusicGen stereo encodes L and R with the mono codec: channels=stereo)")
+        # A stereo-input codec (EnCodec 48 kHz) works at the codec level, but rows here are one channel each and
+        # there is no column for its per-chunk loudness scales.
+        raise ValueError(f"{cfg.codec.pretrained} takes {codec.channels}-channel input; the pipeline runs mono-input "
+                         "codecs only (MusicGen stereo encodes L and R with the mono codec: channels=stereo)")
     n_channels = 2 if cfg.channels == "stereo" else 1
     info = codec_info(cfg.codec.pretrained, codec.sample_rate, codec.hop_length, codec.num_codebooks,
                       codec.cardinality, cfg.channels)

@@ -20,6 +20,7 @@ from pipeline.encode import encode_batch
 from pipeline.layout import OutputLayout
 from pipeline.plan import Plan
 from pipeline.progress import Progress
+from pipeline.retry import KeptUnit, commit_merged, load_kept
 from pipeline.types import AudioItem, EncodedSegment, Failure
 from pipeline.workers import DecodePool, DecodeResult, DecodeTask
 from pipeline.writer import UnitCounts, UnitWriter
@@ -39,24 +40,31 @@ class OpenUnit:
     rows: list[EncodedSegment] = field(default_factory=list)
     encode_failures: dict[int, Failure] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    kept: KeptUnit | None = None  # output.retry_failed: the rows and records this unit keeps; items = retried only
 
     @property
     def complete(self) -> bool:
         return len(self.results) == len(self.items) and self.pending_segments == 0
 
     def counts_and_failures(self) -> tuple[UnitCounts, list[Failure], list[EncodedSegment]]:
-        """Account for every item exactly once: ok (has rows), failed, or skipped by policy."""
+        """Account for every item exactly once: ok (has rows), failed, or skipped by policy.
+
+        A failed item adds nothing but its failure (no audio, no dropped seconds), so ``output.retry_failed`` can
+        take it out of the counts exactly (``pipeline.retry``).
+        """
         counts, failures = UnitCounts(items=len(self.items)), []
         for item in self.items:
             result = self.results[item.index]
             failure = self.encode_failures.get(item.index) or result.failure
-            counts.dropped_s += result.dropped_s
-            if failure is not None:
-                counts.add_failure(failure)
-                failures.append(failure)
-            else:
+            if failure is None:
                 counts.ok += 1
                 counts.audio_s += result.audio_s
+                counts.dropped_s += result.dropped_s
+                continue
+            counts.add_failure(failure)
+            failures.append(failure)
+            if failure.stage == "policy":  # the policy dropped the whole item
+                counts.dropped_s += result.dropped_s
         rows = [r for r in self.rows if r.item.index not in self.encode_failures]
         counts.rows = len(rows)
         counts.frames = sum(r.n_frames for r in rows)
@@ -138,7 +146,11 @@ class Runner:
             self.ready.extend(self.batcher.flush())  # nothing else will fill the partial batches
             return None
         items = [self.items[i] for i in self.plan.unit_range(unit)]
-        self.open[unit] = OpenUnit(unit, items)
+        kept = load_kept(self.layout, unit, items)
+        if kept is not None:  # a unit reopened by output.retry_failed: decode only the items that failed
+            items = [it for it in items if it.id in kept.retry_ids]
+            log.info("unit %d: retrying %d failed item(s), keeping %d row(s)", unit, len(items), kept.table.num_rows)
+        self.open[unit] = OpenUnit(unit, items, kept=kept)
         log.debug("claimed unit %d (%d items)", unit, len(items))
         return self.open[unit]
 
@@ -183,7 +195,10 @@ class Runner:
         for unit in [u for u in self.open.values() if u.complete]:
             counts, failures, rows = unit.counts_and_failures()
             extra = {**self.marker_extra, "elapsed_s": round(time.monotonic() - unit.started, 3)}
-            self.writer.commit(unit.unit, rows, failures, counts, extra)
+            if unit.kept is None:
+                self.writer.commit(unit.unit, rows, failures, counts, extra)
+            else:
+                commit_merged(self.writer, unit.unit, unit.kept, rows, failures, counts, extra)
             self.claims.release(unit.unit)
             del self.open[unit.unit]
             self.stats.units += 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 
@@ -26,7 +25,21 @@ def print_summary(stats: dict[str, Any] | None, job, rank_stats) -> None:
         ]
         if rank_stats is not None and rank_stats.audio_s:
             lines.append(f"this rank   {rank_stats.units} units, {rank_stats.audio_s / 3600:.3f} h")
-        if stats["failures_by_reason"]:
-            lines.append(f"failures    {json.dumps(stats['failures_by_reason'])}  (see failures/*.jsonl)")
+        lines += _reason_lines(stats["failures_by_reason"])
     lines.append("=" * 72)
     print("\n".join(lines), flush=True)
+
+
+def _reason_lines(by_reason: dict[str, int]) -> list[str]:
+    """Failure totals by ``stage:reason``, most frequent first; policy skips apart, since they are not errors."""
+    failed = {k: n for k, n in by_reason.items() if not k.startswith("policy:")}
+    skipped = {k: n for k, n in by_reason.items() if k.startswith("policy:")}
+    lines = []
+    for label, group in (("failed by", failed), ("skipped by", skipped)):
+        if group:
+            ranked = sorted(group.items(), key=lambda kv: (-kv[1], kv[0]))
+            lines.append(f"{label:<11} " + ", ".join(f"{k} {n}" for k, n in ranked))
+    if lines:
+        retry = "; to retry the failed ones: output.retry_failed=true" if failed else ""
+        lines.append(f"{'':<11} one record per item in failures/*.jsonl{retry}")
+    return lines

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import multiprocessing as mp
 import os
 import queue
+import resource
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +28,8 @@ from pipeline.audio import AudioError, decode_audio
 from pipeline.segment import SegmentPolicy, segment_item
 from pipeline.sources.base import Source
 from pipeline.types import AudioItem, Failure, Segment
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, frozen=True)
@@ -76,7 +81,10 @@ def process_item(task: DecodeTask, spec: DecodeSpec) -> DecodeResult:
         return DecodeResult(item, task.unit, failure=_failure(item, "decode", e.reason, e))
     except Exception as e:  # noqa: BLE001
         return DecodeResult(item, task.unit, failure=_failure(item, "decode", "error", e))
-    cut = segment_item(item, task.unit, audio, spec.policy)
+    try:
+        cut = segment_item(item, task.unit, audio, spec.policy)
+    except Exception as e:  # noqa: BLE001 - a bug here must cost the item, not kill the worker as a "crash"
+        return DecodeResult(item, task.unit, failure=_failure(item, "segment", "error", e))
     audio_s = audio.samples.shape[-1] / audio.sample_rate
     if not cut.segments:
         reason = f"shorter than segment.min_s ({audio_s:.3f} s)"
@@ -89,17 +97,65 @@ def _failure(item: AudioItem, stage: str, reason: str, error: BaseException) -> 
     return Failure(item.id, item.source, stage, reason, type(error).__name__, str(error)[:2000])
 
 
+# Test hook (DESIGN: crash-test hooks cost nothing when unset): ``PIPELINE_TEST_DECODE_FAULT=crash:<sub>,hang:<sub>``
+# makes a decode worker segfault, or sleep for an hour, when an item's source contains ``<sub>``. The tests use it
+# to prove that a decoder which kills or wedges its process costs that item only.
+FAULT_ENV = "PIPELINE_TEST_DECODE_FAULT"
+
+
+def _parse_faults(spec: str) -> list[tuple[str, str]]:
+    """``"crash:a,hang:b"`` -> ``[("crash", "a"), ("hang", "b")]``; refuses unknown kinds (a typo would pass silently).
+
+    >>> _parse_faults("crash:bad.wav,hang:slow")
+    [('crash', 'bad.wav'), ('hang', 'slow')]
+    """
+    faults = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        kind, _, needle = part.partition(":")
+        if kind not in ("crash", "hang") or not needle:
+            raise ValueError(f"{FAULT_ENV}: expected crash:<substring> or hang:<substring>, got {part!r}")
+        faults.append((kind, needle))
+    return faults
+
+
+def _inject_fault(faults: list[tuple[str, str]], source: str) -> None:
+    for kind, needle in faults:
+        if needle not in source:
+            continue
+        if kind == "hang":
+            time.sleep(3600)
+        # A real segfault, as a C decoder gives; no core file (core_pattern may write one into the cwd).
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
 def _worker_main(conn: Connection, spec: DecodeSpec) -> None:
     """Worker loop: announce each task before running it, so the parent knows which item a crash belongs to."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(var, "1")
+    faults = _parse_faults(os.environ.get(FAULT_ENV, ""))
     while True:
         msg = conn.recv()
         if msg is None:
             return
         seq, task = msg
         conn.send(("start", seq, None))
+        _inject_fault(faults, task.item.source)
         conn.send(("done", seq, process_item(task, spec)))
+
+
+# Seconds a killed worker may take to die before it is abandoned (see ``DecodePool._kill_overdue``).
+_KILL_GRACE_S = 10.0
+
+
+def _describe_exit(code: int | None) -> str:
+    """``died with exit code 1``, or ``was killed by SIGSEGV`` for a negative (signal) exit code."""
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"died with exit code {code}"
 
 
 @dataclass
@@ -108,10 +164,19 @@ class _Worker:
     conn: Connection
     assigned: collections.deque = field(default_factory=collections.deque)  # (seq, task) sent, not finished
     started: tuple[int, float] | None = None  # (seq, start time) of the task it is running
+    killed_at: float | None = None  # when it was killed for overrunning the timeout (its EOF is still to come)
+    spoke: bool = False  # sent at least one message (a worker that dies before is broken, not its item)
 
 
 class DecodePool:
     """A fixed number of decode processes with per-item crash and hang isolation.
+
+    Threads: the caller's thread submits, dispatches (sends tasks) and polls results. One collector thread owns
+    every pipe's read end and the workers' lifecycle: it drains messages, kills a worker that overruns the
+    timeout, and replaces a worker once its pipe reports EOF. EOF comes only after every message the worker
+    sent, so by then we know exactly which of its tasks finished, which one it was running (failed as ``crash``
+    or ``timeout``) and which it never started (queued again, ahead of the rest). The pipe is closed by the
+    thread that reads it, never under a reader's feet.
 
     Args:
         spec: what workers decode with.
@@ -119,6 +184,10 @@ class DecodePool:
         timeout_s: seconds one item may run before its worker is killed and the item failed.
         depth: tasks queued per worker, so a worker never waits for the parent between items.
     """
+
+    # Workers dying before they say anything, in a row: a broken environment (spawn cannot import the pipeline,
+    # a bad interpreter), not a bad file. Respawning would loop forever, so the run stops with the exit code.
+    MAX_SILENT_DEATHS = 5
 
     def __init__(self, spec: DecodeSpec, workers: int, timeout_s: float, depth: int = 2):
         self.spec, self.n_workers, self.timeout_s, self.depth = spec, workers, timeout_s, depth
@@ -129,6 +198,10 @@ class DecodePool:
         self._seq = 0
         self._lock = threading.Lock()
         self._closed = False
+        self._silent_deaths = 0
+        self._error: BaseException | None = None
+        self.replaced = 0  # workers replaced after a crash or a timeout (for logs and tests)
+        _parse_faults(os.environ.get(FAULT_ENV, ""))  # a typo in the test hook fails here, not in every worker
         for _ in range(workers):
             self._workers.append(self._spawn())
         self._collector = threading.Thread(target=self._collect, daemon=True) if workers else None
@@ -139,7 +212,7 @@ class DecodePool:
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(target=_worker_main, args=(child, self.spec), daemon=True)
         proc.start()
-        child.close()
+        child.close()  # our copy; the worker's end is then the only one, so its death reads as EOF here
         return _Worker(proc, parent)
 
     def submit(self, task: DecodeTask) -> None:
@@ -154,11 +227,16 @@ class DecodePool:
             return len(self._pending) + sum(len(w.assigned) for w in self._workers) + self._results.qsize()
 
     def poll(self, timeout: float) -> list[DecodeResult]:
-        """Dispatch queued tasks, reap crashed/hung workers, and return finished results (waits up to ``timeout``)."""
+        """Dispatch queued tasks and return finished results (waits up to ``timeout`` seconds for the first).
+
+        Raises:
+            RuntimeError: workers cannot start at all (see ``MAX_SILENT_DEATHS``).
+        """
         if not self.n_workers:
             return self._run_inline()
         with self._lock:
-            self._reap()
+            if self._error is not None:
+                raise self._error
             self._dispatch()
         out: list[DecodeResult] = []
         try:
@@ -177,59 +255,105 @@ class DecodePool:
 
     def _dispatch(self) -> None:
         for w in self._workers:
-            while self._pending and len(w.assigned) < self.depth:
+            while self._pending and len(w.assigned) < self.depth and w.killed_at is None:
                 seq, task = self._pending.popleft()
                 w.assigned.append((seq, task))
-                w.conn.send((seq, task))
-
-    def _reap(self) -> None:
-        """Replace workers that died or overran the timeout; fail their running item, requeue the rest."""
-        now = time.monotonic()
-        for i, w in enumerate(self._workers):
-            hung = w.started is not None and now - w.started[1] > self.timeout_s
-            if w.proc.is_alive() and not hung:
-                continue
-            if hung:
-                w.proc.kill()
-            w.proc.join(timeout=5)
-            self._fail_running(w, hung)
-            w.conn.close()
-            self._workers[i] = self._spawn()
-
-    def _fail_running(self, w: _Worker, hung: bool) -> None:
-        running = w.started[0] if w.started else None
-        for seq, task in reversed(w.assigned):
-            if seq != running:
-                self._pending.appendleft((seq, task))
-                continue
-            if hung:
-                err = TimeoutError(f"decoding took longer than decode.timeout_s={self.timeout_s:g}s; worker killed")
-                failure = _failure(task.item, "timeout", "timeout", err)
-            else:
-                err = RuntimeError(f"decoder process died with exit code {w.proc.exitcode}")
-                failure = _failure(task.item, "crash", "crash", err)
-            self._results.put(DecodeResult(task.item, task.unit, failure=failure))
+                try:
+                    w.conn.send((seq, task))
+                except OSError:  # BrokenPipeError: it just died; the collector requeues what it was given
+                    break
 
     def _collect(self) -> None:
-        """Collector thread: drain every worker pipe into the result queue."""
-        while not self._closed:
+        """Collector thread: drain every worker pipe into the result queue; kill overdue workers, replace dead ones."""
+        try:
+            while not self._closed:
+                self._collect_once()
+        except BaseException as e:  # noqa: BLE001 - a bug here must stop the run loudly, not leave it waiting
             with self._lock:
-                conns = {w.conn: w for w in self._workers}
-            for conn in wait(list(conns), timeout=0.05):
-                try:
-                    kind, seq, payload = conn.recv()
-                except (EOFError, OSError):
-                    continue  # the worker died; _reap handles it
+                self._error = e
+
+    def _collect_once(self) -> None:
+        with self._lock:
+            conns = {w.conn: w for w in self._workers}
+        for conn in wait(list(conns), timeout=0.05):
+            w = conns[conn]
+            try:
+                kind, seq, payload = conn.recv()
+            except (EOFError, OSError):  # every message is read and the worker is gone
                 with self._lock:
-                    self._on_message(conns[conn], kind, seq, payload)
+                    self._replace(w)
+                continue
+            with self._lock:
+                self._on_message(w, kind, seq, payload)
+        with self._lock:
+            self._kill_overdue()
 
     def _on_message(self, w: _Worker, kind: str, seq: int, payload: DecodeResult | None) -> None:
+        w.spoke, self._silent_deaths = True, 0
         if kind == "start":
             w.started = (seq, time.monotonic())
             return
         w.started = None
         w.assigned = collections.deque((s, t) for s, t in w.assigned if s != seq)
         self._results.put(payload)
+
+    def _kill_overdue(self) -> None:
+        """SIGKILL a worker whose current item overran the timeout; its EOF then arrives and ``_replace`` runs.
+
+        A process blocked in the kernel (a dead NFS mount) dies only when the call returns; after
+        ``_KILL_GRACE_S`` it is abandoned and replaced anyway, so one stuck file never stalls the run.
+        """
+        now = time.monotonic()
+        for w in list(self._workers):
+            if w.started is not None and w.killed_at is None and now - w.started[1] > self.timeout_s:
+                w.killed_at = now
+                w.proc.kill()
+            elif w.killed_at is not None and now - w.killed_at > _KILL_GRACE_S:
+                self._replace(w)
+
+    def _replace(self, w: _Worker) -> None:
+        """A worker's pipe is at EOF: fail the item it was running, requeue the rest in order, start a new one."""
+        w.proc.join(timeout=1)  # at EOF it has closed its files, so it is exiting already
+        w.conn.close()
+        why = "killed after decode.timeout_s" if w.killed_at is not None else _describe_exit(w.proc.exitcode)
+        log.warning("decode worker pid %s %s; starting a new one", w.proc.pid, why)
+        self._fail_running(w)
+        self._requeue_unstarted(w)
+        self._count_silent_death(w)
+        self._workers[self._workers.index(w)] = self._spawn()
+        self.replaced += 1
+
+    def _fail_running(self, w: _Worker) -> None:
+        if w.started is None:
+            return
+        running = w.started[0]
+        task = next((t for s, t in w.assigned if s == running), None)
+        if task is None:  # its result arrived after all
+            return
+        if w.killed_at is not None:
+            err: Exception = TimeoutError(
+                f"decoding took longer than decode.timeout_s={self.timeout_s:g}s; worker killed")
+            failure = _failure(task.item, "timeout", "timeout", err)
+        else:
+            err = RuntimeError(f"decoder process {_describe_exit(w.proc.exitcode)}")
+            failure = _failure(task.item, "crash", "crash", err)
+        self._results.put(DecodeResult(task.item, task.unit, failure=failure))
+        w.assigned = collections.deque((s, t) for s, t in w.assigned if s != running)
+
+    def _requeue_unstarted(self, w: _Worker) -> None:
+        # Tasks the worker received but never announced: they did nothing wrong, so they go first, in order.
+        for seq, task in reversed(w.assigned):
+            self._pending.appendleft((seq, task))
+        w.assigned.clear()
+
+    def _count_silent_death(self, w: _Worker) -> None:
+        if w.spoke or self._closed:
+            return
+        self._silent_deaths += 1
+        if self._silent_deaths >= self.MAX_SILENT_DEATHS and self._error is None:
+            self._error = RuntimeError(
+                f"{self._silent_deaths} decode workers in a row died before decoding anything (last exit code "
+                f"{w.proc.exitcode}); the environment is broken, not a file. Try decode.workers=0 to see the error")
 
     def close(self) -> None:
         """Stop every worker now (a clean stop abandons queued tasks; their units are redone on resume)."""
@@ -239,9 +363,10 @@ class DecodePool:
         for w in self._workers:
             try:
                 w.conn.send(None)
-            except (OSError, BrokenPipeError):
+            except OSError:
                 pass
             w.proc.join(timeout=0.5)
             if w.proc.is_alive():
                 w.proc.kill()
                 w.proc.join(timeout=5)
+            w.conn.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from pipeline.codecs.base import Codec
@@ -9,7 +11,15 @@ from pipeline.config import CodecConfig
 
 __all__ = ["Codec", "load_codec", "resolve_device"]
 
-FAMILIES = ("encodec",)
+# codec.family -> (module, class); modules are imported on use, since transformers takes seconds to import and
+# configs are built and checked without it.
+_CLASSES = {
+    "encodec": ("pipeline.codecs.encodec", "EncodecCodec"),
+    "dac": ("pipeline.codecs.dac", "DacCodec"),
+    "mimi": ("pipeline.codecs.mimi", "MimiCodec"),
+}
+# Named after the model_type in their checkpoints' config.json.
+FAMILIES = tuple(_CLASSES)
 
 
 def load_codec(cfg: CodecConfig, device: torch.device | None = None) -> Codec:
@@ -23,15 +33,17 @@ def load_codec(cfg: CodecConfig, device: torch.device | None = None) -> Codec:
         ValueError: unknown family or backend, unavailable device.
         CodecLoadError: the weights cannot be found (the message says how to use local weights).
     """
-    if cfg.backend != "torch":
-        raise ValueError(f"codec.backend={cfg.backend!r} is not available yet; use codec.backend=torch")
+    if cfg.backend not in ("torch", "onnx"):
+        raise ValueError(f"unknown codec.backend={cfg.backend!r}; use torch, or onnx (CPU, EnCodec)")
+    if cfg.family not in _CLASSES:
+        raise ValueError(f"unknown codec.family={cfg.family!r}; known: {', '.join(FAMILIES)}")
     device = resolve_device(cfg.device) if device is None else device
-    if cfg.family == "encodec":
-        # Imported here: transformers takes seconds to import, and configs are built and checked without it.
-        from pipeline.codecs.encodec import EncodecCodec
+    if cfg.backend == "onnx":
+        from pipeline.codecs.onnx_backend import OnnxEncodecCodec
 
-        return EncodecCodec.load(cfg, device)
-    raise ValueError(f"unknown codec.family={cfg.family!r}; known: {', '.join(FAMILIES)}")
+        return OnnxEncodecCodec.load(cfg, device)
+    module, name = _CLASSES[cfg.family]
+    return getattr(importlib.import_module(module), name).load(cfg, device)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -34,8 +34,23 @@ class Codec(abc.ABC):
         return self.sample_rate / self.hop_length
 
     def n_frames(self, n_samples: int) -> int:
-        """Frames the codec emits for ``n_samples`` input samples: ``ceil(n_samples / hop)``."""
+        """Frames the codec emits for ``n_samples`` input samples: ``ceil(n_samples / hop)`` unless overridden
+        (a chunked codec emits a whole number of frames per chunk)."""
         return -(-n_samples // self.hop_length)
+
+    def encode_with_scales(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``encode``, plus the loudness scales a normalising codec divides each chunk by before encoding.
+
+        Codecs that normalise (EnCodec 48 kHz) need these scales to decode at the original level; the others
+        return None.
+
+        Args:
+            audio: as for ``encode``.
+
+        Returns:
+            The codes of ``encode`` and float32 scales ``[B, n_chunks]`` (or None).
+        """
+        return self.encode(audio), None
 
     @abc.abstractmethod
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
@@ -45,12 +60,17 @@ class Codec(abc.ABC):
             audio: float32 ``[B, channels, L]`` on the codec's device, L a multiple of nothing in particular.
 
         Returns:
-            int64 codes ``[B, K, ceil(L / hop)]`` on the codec's device.
+            int64 codes ``[B, K, n_frames(L)]`` on the codec's device.
         """
 
     @abc.abstractmethod
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Decode int codes ``[B, K, T]`` back to float audio ``[B, channels, T * hop]``."""
+    def decode(self, codes: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode int codes ``[B, K, T]`` back to float audio ``[B, channels, T * hop]``.
+
+        Args:
+            codes: as returned by ``encode``.
+            scales: as returned by ``encode_with_scales``; None decodes a normalising codec at unit loudness.
+        """
 
     @abc.abstractmethod
     def fingerprint(self) -> dict[str, Any]:

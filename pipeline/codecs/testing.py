@@ -1,18 +1,24 @@
-"""A debug EnCodec for tests and the ``debug`` config, like audiocraft's ``get_debug_compression_model``.
+"""Debug codecs for tests and the ``debug`` config, like audiocraft's ``get_debug_compression_model``.
 
-It has the real ``facebook/encodec_32khz`` layout (32 kHz mono, hop 640, 50 frames/s, 4 codebooks of 2048) with
-seeded random weights, saved with ``save_pretrained`` so the pipeline loads it by path through the same
-``EncodecCodec.load`` as the hub model. A randomly initialised ``EncodecModel`` has all-zero codebooks, so every
-code would be 0; the codebooks are therefore fitted to the random encoder's output on synthetic audio, one RVQ
-layer at a time, which makes the codes spread over the codebooks like a trained model's do.
+The default (``tiny``) has the real ``facebook/encodec_32khz`` layout (32 kHz mono, hop 640, 50 frames/s, 4
+codebooks of 2048) with seeded random weights, saved with ``save_pretrained`` so the pipeline loads it by path
+through the same ``EncodecCodec.load`` as the hub model. A randomly initialised ``EncodecModel`` has all-zero
+codebooks, so every code would be 0; the codebooks are therefore fitted to the random encoder's output on
+synthetic audio, one RVQ layer at a time, which makes the codes spread over the codebooks like a trained model's do.
+
+``tiny_24khz`` and ``tiny_48khz`` have the layouts of ``facebook/encodec_24khz`` (causal, 5 bandwidths, 32 x 1024)
+and ``facebook/encodec_48khz`` (stereo, normalised, 1 s chunks with 1% overlap, time group norm, 16 x 1024).
+``dac_tiny`` and ``mimi_tiny`` (``pipeline.codecs.testing_more``) do the same for the other families.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -21,14 +27,30 @@ from transformers import EncodecConfig, EncodecModel
 
 # Bump when the recipe below changes: it is part of the cache key, so stale fixtures are never reused.
 FIXTURE_VERSION = 1
-VARIANTS = ("tiny", "full")
+VARIANTS = ("tiny", "full", "tiny_24khz", "tiny_48khz")
 SAMPLE_RATE = 32_000
 # Seconds of synthetic audio the codebooks are fitted on (50 frames per second): fewer frames than codebook
 # entries, which is fine (see _codebook_entries). The full encoder is ~30x slower on CPU, so it gets less.
-_FIT_SECONDS = {"tiny": 60.0, "full": 20.0}
+_FIT_SECONDS = {"tiny": 60.0, "full": 20.0, "tiny_24khz": 40.0, "tiny_48khz": 20.0}
 _KMEANS_ITERS = 8
 # Frames per k-means cluster: with fewer, clusters collapse onto single frames and the next residual is zero.
 _FRAMES_PER_CLUSTER = 2
+
+# Narrow layers for fast CPU tests, shared by the tiny variants.
+_NARROW = dict(num_filters=4, hidden_size=16, num_lstm_layers=1)
+# The published 24 and 48 kHz configs (facebook/encodec_24khz, facebook/encodec_48khz config.json), but narrow.
+_OTHER_LAYOUTS = {
+    "tiny_24khz": dict(
+        sampling_rate=24_000, audio_channels=1, normalize=False, chunk_length_s=None, overlap=None,
+        upsampling_ratios=[8, 5, 4, 2], codebook_size=1024, target_bandwidths=[1.5, 3.0, 6.0, 12.0, 24.0],
+        use_causal_conv=True, use_conv_shortcut=True, norm_type="weight_norm", pad_mode="reflect",
+    ),
+    "tiny_48khz": dict(
+        sampling_rate=48_000, audio_channels=2, normalize=True, chunk_length_s=1.0, overlap=0.01,
+        upsampling_ratios=[8, 5, 4, 2], codebook_size=1024, target_bandwidths=[3.0, 6.0, 12.0, 24.0],
+        use_causal_conv=False, use_conv_shortcut=True, norm_type="time_group_norm", pad_mode="reflect",
+    ),
+}
 
 
 def fixture_config(variant: str = "tiny") -> EncodecConfig:
@@ -37,9 +59,12 @@ def fixture_config(variant: str = "tiny") -> EncodecConfig:
     Args:
         variant: ``full`` is the exact ``facebook/encodec_32khz`` architecture (~57M parameters); ``tiny`` keeps
             its rate, hop, codebook count and size but has narrow layers (~0.17M parameters) for fast CPU tests.
+            ``tiny_24khz`` and ``tiny_48khz`` are narrow versions of the 24 and 48 kHz models.
     """
     if variant not in VARIANTS:
         raise ValueError(f"fixture variant must be one of {VARIANTS}, got {variant!r}")
+    if variant in _OTHER_LAYOUTS:
+        return EncodecConfig(**_OTHER_LAYOUTS[variant], **_NARROW)
     widths = {
         "full": dict(num_filters=64, hidden_size=128, num_lstm_layers=2),
         "tiny": dict(num_filters=4, hidden_size=16, num_lstm_layers=1),
@@ -123,39 +148,69 @@ def build_fixture_codec(out_dir: str | os.PathLike, variant: str = "tiny", seed:
 
     Args:
         out_dir: directory to save into (created; existing files are overwritten).
-        variant: ``tiny`` or ``full`` (see ``fixture_config``).
+        variant: one of ``VARIANTS`` (see ``fixture_config``).
         seed: seeds the weights, the fitting audio and k-means.
 
     Returns:
         ``out_dir`` as a Path, loadable with ``EncodecModel.from_pretrained`` or ``codec.pretrained=out_dir``.
     """
     config = fixture_config(variant)
-    # One thread: the fitted weights depend on float reduction order, and the same seed must give the same files.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         torch.manual_seed(seed)
         model = EncodecModel(config).eval()
-        audio = synth_audio(_FIT_SECONDS[variant], config.sampling_rate, seed)
-        frames = model.encoder(audio[None, None])[0].T.contiguous()  # [N, D]
+        frames = _encoder_frames(model, _FIT_SECONDS[variant], seed)
         frames = _center_encoder_output(model, frames)
         _fit_codebooks(model, frames, torch.Generator().manual_seed(seed))
-    finally:
-        torch.set_num_threads(threads)
     out = Path(out_dir)
     model.save_pretrained(out)
     return out
 
 
+def _encoder_frames(model: EncodecModel, seconds: float, seed: int) -> torch.Tensor:
+    """Encoder output frames ``[N, D]`` for ``seconds`` of synthetic audio, fed as the model's encode feeds it:
+    with its channel count, cut into its chunks (without overlap: these are only fitting data), normalised."""
+    config = model.config
+    audio = synth_channels(seconds, config.sampling_rate, config.audio_channels, seed)[None]  # [1, C, L]
+    if config.chunk_length is not None:
+        audio = audio.unfold(-1, config.chunk_length, config.chunk_length)[0].transpose(0, 1)  # [chunks, C, L]
+    if config.normalize:
+        audio = audio / (audio.mean(dim=1, keepdim=True).pow(2).mean(dim=-1, keepdim=True).sqrt() + 1e-8)
+    return model.encoder(audio).transpose(1, 2).reshape(-1, config.hidden_size).contiguous()
+
+
+def synth_channels(seconds: float, sample_rate: int, channels: int, seed: int = 0) -> torch.Tensor:
+    """``synth_audio`` for 1 or 2 channels ``[C, n]``: the right channel mixes the left with other audio, so the
+    two are correlated like a stereo recording and still differ."""
+    left = synth_audio(seconds, sample_rate, seed)
+    if channels == 1:
+        return left[None]
+    return torch.stack([left, (0.5 * left + 0.5 * synth_audio(seconds, sample_rate, seed + 1000)).clamp(-1, 1)])
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a block: fitted weights depend on float reduction order, and the same seed must
+    give the same files on every machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _center_encoder_output(model: EncodecModel, frames: torch.Tensor) -> torch.Tensor:
-    """Shift the last encoder conv's bias so the frames have zero mean; returns the shifted frames.
+    """Shift the encoder's last bias so the frames have zero mean; returns the shifted frames.
 
     A random encoder's output is a large constant offset plus small variations. The RVQ distance
     ``|x|^2 - 2 x.e + |e|^2`` then cancels catastrophically in fp32, and float noise as small as a batch-size
     change in the convolutions flips ~5% of codes. Centred, the fixture is about as stable as a trained model.
+    The last bias is the group norm's with ``time_group_norm`` (it follows the convolution and undoes any shift
+    of the convolution's bias), else the convolution's.
     """
     mean = frames.mean(dim=0)
-    model.encoder.layers[-1].conv.bias.sub_(mean)
+    last = model.encoder.layers[-1]
+    (last.norm.bias if model.config.norm_type == "time_group_norm" else last.conv.bias).sub_(mean)
     return frames - mean
 
 
@@ -212,20 +267,22 @@ def fixture_codec_dir(variant: str = "tiny", seed: int = 0, cache_root: str | os
     layout the weights depend on.
 
     Args:
-        variant: ``tiny`` or ``full``.
+        variant: an EnCodec variant (``VARIANTS``: ``tiny``, ``full``, ``tiny_24khz``, ``tiny_48khz``), or
+            ``dac_tiny`` / ``mimi_tiny`` (``pipeline.codecs.testing_more``).
         seed: see ``build_fixture_codec``.
         cache_root: where fixtures live; default ``$AUDIO_TOKENIZE_CACHE/fixtures``, else
             ``~/.cache/audio-tokenize/fixtures``.
     """
+    name, version, build = _recipe(variant)
     root = Path(cache_root) if cache_root is not None else _default_cache_root()
-    key = f"encodec-{variant}-seed{seed}-v{FIXTURE_VERSION}-torch{torch.__version__}-tf{transformers.__version__}"
+    key = f"{name}-seed{seed}-v{version}-torch{torch.__version__}-tf{transformers.__version__}"
     final = root / key.replace("+", "_")
     if final.is_dir():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        build_fixture_codec(tmp, variant, seed)
+        build(tmp, seed)
         tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache should be readable by all
         os.rename(tmp, final)
     except OSError:
@@ -234,6 +291,17 @@ def fixture_codec_dir(variant: str = "tiny", seed: int = 0, cache_root: str | os
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _recipe(variant: str) -> tuple[str, int, Callable[[Path, int], Path]]:
+    """Cache name, recipe version and builder ``(out_dir, seed) -> out_dir`` of a fixture variant."""
+    if variant in VARIANTS:
+        return f"encodec-{variant}", FIXTURE_VERSION, lambda out, seed: build_fixture_codec(out, variant, seed)
+    from pipeline.codecs.testing_more import FIXTURES, VERSIONS  # imported late: it imports this module
+
+    if variant not in FIXTURES:
+        raise ValueError(f"fixture variant must be one of {VARIANTS + tuple(FIXTURES)}, got {variant!r}")
+    return variant, VERSIONS[variant], FIXTURES[variant]
 
 
 def _default_cache_root() -> Path:

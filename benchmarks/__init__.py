@@ -1,0 +1,1 @@
+"""Throughput and memory benchmarks: ``python -m benchmarks.run --help`` (results and method in BENCHMARKS.md)."""

@@ -1,0 +1,347 @@
+"""Throughput and memory benchmark: the naive per-file loop vs the codec's limit vs the pipeline, on the same audio.
+
+    python -m benchmarks.run [--minutes M] [--codec DIR|full|tiny] [--device cpu|cuda] [--out FILE.json]
+    python -m benchmarks.run --memory --stages none      # peak memory: 12-minute file, 10x dataset, 1/4 batch cap
+    python -m benchmarks.run --nproc 2 --threads 1       # one process per core (torchrun), one thread each
+
+One run generates music-like 44.1 kHz stereo files (FLAC and WAV, ``--min-s``..``--max-s`` seconds each, about
+``--minutes`` in all), then measures each stage in its own process (``benchmarks.stages``, ``benchmarks.measure``):
+
+- naive: per file, soundfile -> mono -> soxr -> ``AutoProcessor`` -> ``EncodecModel.encode`` (torch's default
+  threads; no batching). What users write today.
+- codec: ``Codec.encode`` alone on the pipeline's own batches of the same audio, decoded beforehand: the limit.
+- pipeline: ``pipeline.tokenize.run`` end to end into a fresh folder (under ``torchrun`` with ``--nproc N``).
+
+It prints and writes (JSON) audio seconds per second, the realtime factor (wall / audio), CPU seconds, peak RSS
+per stage (and peak GPU memory on CUDA), the ratios pipeline/naive and pipeline/codec, and bits per stored token
+(whole shards, and the ``codes`` column alone from the Parquet column-chunk metadata). ``--repeat N`` runs the
+stages N times interleaved and keeps each stage's fastest run: on a shared machine the fastest is the least
+disturbed. Results and method: BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.corpus import audio_seconds, machine, make_corpus, make_long_file, replicate
+from benchmarks.measure import run_measured
+from pipeline.config import REPO_ROOT
+
+STAGES = ("naive", "codec", "pipeline")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=4.0, help="audio to generate, in minutes (default 4)")
+    p.add_argument("--min-s", type=float, default=10.0, help="shortest file, seconds")
+    p.add_argument("--max-s", type=float, default=60.0, help="longest file, seconds")
+    p.add_argument("--codec", default="full",
+                   help="full | tiny (fixture codecs: full has facebook/encodec_32khz's architecture and cost) or a "
+                        "save_pretrained directory / hub id (default full)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--backend", default=None, help="codec.backend: torch | onnx (default: the config's)")
+    p.add_argument("--threads", type=int, default=None, help="codec.threads (default: the config's)")
+    p.add_argument("--workers", type=int, default=None, help="decode.workers (default: the config's)")
+    p.add_argument("--max-audio-s", type=float, default=None, help="batch.max_audio_s (default: the config's)")
+    p.add_argument("--max-rows", type=int, default=None, help="batch.max_rows (default: the config's)")
+    p.add_argument("--unit-size", type=int, default=1,
+                   help="output.unit_size (default 1: a few-minute corpus still has many more units than ranks)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks for the codec and pipeline stages (torchrun)")
+    p.add_argument("--naive-threads", type=int, default=None, help="threads for the naive loop (default torch's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override for the codec and pipeline stages (repeatable), e.g. "
+                        "--set codec.dtype=bfloat16 --set codec.compile=true")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of naive,codec,pipeline, or none")
+    p.add_argument("--repeat", type=int, default=1, help="run the stages this many times, keep each one's fastest")
+    p.add_argument("--memory", action="store_true",
+                   help="also measure the pipeline's peak memory on one long file, a --scale times larger "
+                        "dataset, and a quarter of the batch cap")
+    p.add_argument("--long-minutes", type=float, default=12.0, help="--memory: length of the long file")
+    p.add_argument("--scale", type=int, default=10, help="--memory: the larger dataset is this many copies")
+    p.add_argument("--out", default=None, help="results JSON (default out/benchmarks/<time>.json)")
+    p.add_argument("--work", default=None, help="keep generated audio and outputs here (default: a temp dir)")
+    p.add_argument("--timeout", type=float, default=7200.0, help="seconds one stage may run")
+    args = p.parse_args(argv)
+    args.stages = [] if args.stages in ("", "none") else args.stages.split(",")
+    unknown = set(args.stages) - set(STAGES)
+    if unknown:
+        p.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="audio-tokenize-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        result = benchmark(args, work)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out) if args.out else REPO_ROOT / "out" / "benchmarks" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(report(result))
+    print(f"\nresults: {out}")
+    return 0 if result["ok"] else 1
+
+
+def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    codec_dir = resolve_codec(args.codec)
+    t0 = time.time()
+    files = make_corpus(work / "audio", args.minutes, args.min_s, args.max_s)
+    corpus = {"files": len(files), "audio_s": audio_seconds(files), "sample_rate": 44100, "channels": 2,
+              "formats": sorted({p.suffix[1:] for p in files}), "generate_s": round(time.time() - t0, 1)}
+    result: dict[str, Any] = {"command": [sys.executable, "-m", "benchmarks.run", *sys.argv[1:]],
+                              "machine": machine(), "codec": str(codec_dir), "corpus": corpus,
+                              "overrides": overrides(args, work / "audio", codec_dir, work / "tokens"),
+                              "runs": [], "ok": True}
+    for _ in range(args.repeat):
+        for stage in args.stages:
+            record = measure_stage(stage, args, work, files, codec_dir, work / "audio", corpus["audio_s"])
+            result["runs"].append(record)
+            result["ok"] &= record["returncode"] == 0
+    result["stages"] = best_per_stage(result["runs"])
+    result["ratios"] = ratios(result["stages"])
+    if "pipeline" in result["stages"] and result["ok"]:
+        result["storage"] = storage(work / "tokens")
+    result["targets"] = targets(result)
+    if args.memory:
+        result["memory"] = memory_checks(args, work, files, codec_dir)
+        result["ok"] &= all(case["returncode"] == 0 for case in result["memory"])
+    return result
+
+
+def resolve_codec(name: str) -> str:
+    """``tiny`` / ``full`` -> the fixture codec's directory (built on first use); anything else as given."""
+    if name in ("tiny", "full"):
+        from pipeline.codecs.testing import fixture_codec_dir
+
+        return str(fixture_codec_dir(name))
+    return str(Path(name).expanduser().resolve()) if Path(name).expanduser().is_dir() else name
+
+
+def naive_codec_dir(codec_dir: str, work: Path) -> str:
+    """A checkpoint ``AutoProcessor.from_pretrained`` can load: the fixtures have no ``preprocessor_config.json``,
+    so a linked copy gets the ``EncodecFeatureExtractor`` the hub model ships."""
+    src = Path(codec_dir)
+    if not src.is_dir() or (src / "preprocessor_config.json").exists():
+        return codec_dir
+    from transformers import EncodecFeatureExtractor
+
+    dst = work / "naive-codec"
+    if not dst.exists():
+        dst.mkdir(parents=True)
+        for f in src.iterdir():
+            (dst / f.name).symlink_to(f.resolve())
+        config = json.loads((src / "config.json").read_text())
+        EncodecFeatureExtractor(sampling_rate=config["sampling_rate"],
+                                feature_size=config.get("audio_channels", 1)).save_pretrained(dst)
+    return str(dst)
+
+
+def overrides(args: argparse.Namespace, data: Path, codec_dir: str, out: Path) -> list[str]:
+    """Hydra overrides shared by the codec and pipeline stages (so both make the same batches)."""
+    ov = ["dataset=folder", f"dataset.path={data}", f"codec.pretrained={codec_dir}", f"codec.device={args.device}",
+          f"output.dir={out}", "output.mode=overwrite", f"output.unit_size={args.unit_size}", "progress=false"]
+    named = {"codec.backend": args.backend, "codec.threads": args.threads, "decode.workers": args.workers,
+             "batch.max_audio_s": args.max_audio_s, "batch.max_rows": args.max_rows}
+    ov += [f"{k}={v}" for k, v in named.items() if v is not None]
+    return ov + list(args.set)
+
+
+def measure_stage(stage: str, args: argparse.Namespace, work: Path, files: list[Path], codec_dir: str,
+                  data: Path, audio_s: float, extra: list[str] = (), label: str | None = None) -> dict[str, Any]:
+    """Run one stage in a fresh process (tree) and return what it and ``run_measured`` saw."""
+    label = label or stage
+    out = work / f"tokens-{label}" if label != "pipeline" else work / "tokens"
+    shutil.rmtree(out, ignore_errors=True)
+    spec = {"device": args.device, "files": [str(f) for f in files], "naive_threads": args.naive_threads,
+            "naive_codec_dir": naive_codec_dir(codec_dir, work) if stage == "naive" else None,
+            "overrides": [*overrides(args, data, codec_dir, out), *extra]}
+    spec_path, result_path = work / f"{label}.spec.json", work / f"{label}.result.json"
+    spec_path.write_text(json.dumps(spec))
+    for stale in work.glob(f"{label}.result*.json"):
+        stale.unlink()
+    nproc = args.nproc if stage != "naive" else 1
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"] \
+        if nproc > 1 else [sys.executable, "-m"]
+    cmd = [*launcher, "benchmarks.stages", stage, str(spec_path), str(result_path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    print(f"[bench] {label}: {' '.join(cmd[1:])}", flush=True)
+    load_before = os.getloadavg()[0]
+    m = run_measured(cmd, work / f"{label}.log", env=env, timeout_s=args.timeout)
+    # Other work on the machine slows every stage; the 1-minute load average before and after shows how much.
+    record: dict[str, Any] = {"stage": stage, "label": label, "returncode": m.returncode, "outer_wall_s": m.wall_s,
+                              "load_avg_1m": [load_before, os.getloadavg()[0]],
+                              "cpu_s": m.cpu_s, "peak_rss_mb": m.peak_rss_mb, "peak_tree_rss_mb": m.peak_tree_rss_mb,
+                              "peak_tree_pss_mb": m.peak_tree_pss_mb, "processes": m.max_processes,
+                              "audio_s": audio_s}
+    ranks = [json.loads(p.read_text()) for p in sorted(work.glob(f"{label}.result*.json"))]
+    if m.returncode != 0 or not ranks:
+        record["error"] = m.log
+        print(f"[bench] {label} failed (exit {m.returncode}):\n{m.log}", file=sys.stderr)
+        return record
+    record.update(merge_ranks(ranks))
+    timed = record["end"] - record["start"]
+    record.update(timed_s=timed, audio_s_per_s=audio_s / timed, rtf=timed / audio_s)
+    if stage == "pipeline":
+        record["stats"] = _pipeline_stats(out)
+    print(f"[bench] {label}: {audio_s / timed:.2f} audio s/s, peak RSS {m.peak_rss_mb:.0f} MB", flush=True)
+    return record
+
+
+def merge_ranks(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record from every rank's: the span from the first start to the last end; sums of counts; max of peaks."""
+    merged = dict(ranks[0])
+    merged["start"], merged["end"] = min(r["start"] for r in ranks), max(r["end"] for r in ranks)
+    for key in ("batches", "segment_audio_s", "padded_audio_s", "export_s"):
+        if key in merged:
+            merged[key] = sum(r[key] for r in ranks)
+    for key in ("peak_gpu_allocated_mb", "peak_gpu_reserved_mb"):
+        if key in merged:
+            merged[key] = max(r[key] for r in ranks)
+    if len(ranks) > 1:
+        merged["rank_spans_s"] = [round(r["end"] - r["start"], 2) for r in ranks]
+    merged.pop("fingerprint", None) if len(ranks) > 1 else None
+    return merged
+
+
+def _pipeline_stats(out: Path) -> dict[str, Any]:
+    try:
+        stats = json.loads((out / "stats.json").read_text())
+    except OSError:
+        return {}
+    keys = ("items", "ok", "failed", "skipped", "rows", "frames", "audio_s", "encoded_s", "dropped_s", "tokens",
+            "shard_bytes", "bits_per_token")
+    return {k: stats.get(k) for k in keys}
+
+
+def best_per_stage(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each stage's fastest successful run (all runs stay in ``runs``)."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        if "timed_s" in r and (r["label"] not in best or r["timed_s"] < best[r["label"]]["timed_s"]):
+            best[r["label"]] = r
+    return best
+
+
+def ratios(stages: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    def ratio(a: str, b: str) -> float | None:
+        return stages[a]["audio_s_per_s"] / stages[b]["audio_s_per_s"] if a in stages and b in stages else None
+
+    return {"pipeline_over_naive": ratio("pipeline", "naive"), "pipeline_over_codec": ratio("pipeline", "codec"),
+            "codec_over_naive": ratio("codec", "naive")}
+
+
+def storage(out: Path) -> dict[str, Any]:
+    """Bits per stored token: whole shards (stats.json), and the ``codes`` column alone (column-chunk metadata),
+    next to the codes' unigram entropy per codebook (what a context-free entropy coder could reach)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    stats = json.loads((out / "stats.json").read_text())
+    tokens = stats["tokens"]
+    compressed = uncompressed = dictionary = 0
+    counts: list[np.ndarray] = []
+    for shard in sorted((out / "data").glob("*.parquet")):
+        meta = pq.ParquetFile(shard).metadata
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(g).column(c)
+                if col.path_in_schema.split(".")[0] == "codes":
+                    compressed += col.total_compressed_size
+                    uncompressed += col.total_uncompressed_size
+                    if col.has_dictionary_page:  # a fixed cost per column chunk: vanishes in large shards
+                        dictionary += col.data_page_offset - col.dictionary_page_offset
+        for cell in pq.read_table(shard, columns=["codes"]).column("codes").to_pylist():
+            for k, row in enumerate(cell):
+                counts += [np.zeros(1 << 16, np.int64)] * (k + 1 - len(counts))
+                counts[k] = counts[k] + np.bincount(np.asarray(row, np.int64), minlength=1 << 16)
+    entropy = [float(-(p[p > 0] * np.log2(p[p > 0])).sum()) for p in (c / max(1, c.sum()) for c in counts)]
+    return {"tokens": tokens, "shard_bytes": stats["shard_bytes"], "bits_per_token": 8 * stats["shard_bytes"] / tokens,
+            "codes_column_bytes": compressed, "codes_bits_per_token": 8 * compressed / tokens,
+            "codes_dictionary_bytes": dictionary, "codes_data_bits_per_token": 8 * (compressed - dictionary) / tokens,
+            "codes_uncompressed_bits_per_token": 8 * uncompressed / tokens,
+            "unigram_entropy_bits": round(sum(entropy) / len(entropy), 3) if entropy else None}
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets (CPU): pipeline >= 0.9x the codec, >= 1.8x naive, < 11.5 bits per token."""
+    r, s = result["ratios"], result.get("storage", {})
+    checks = {"pipeline_over_codec >= 0.9": (r.get("pipeline_over_codec"), lambda v: v >= 0.9),
+              "pipeline_over_naive >= 1.8": (r.get("pipeline_over_naive"), lambda v: v >= 1.8),
+              "bits_per_token < 11.5": (s.get("bits_per_token"), lambda v: v < 11.5)}
+    return {name: None if v is None else {"value": round(v, 3), "met": bool(ok(v))}
+            for name, (v, ok) in checks.items()}
+
+
+def memory_checks(args: argparse.Namespace, work: Path, files: list[Path], codec_dir: str) -> list[dict[str, Any]]:
+    """Peak memory of the pipeline on: the corpus; one ``--long-minutes`` file; the corpus ``--scale`` times; the
+    corpus with a quarter of the batch cap. Bounded memory means the first three agree and the last is lower."""
+    long_file = make_long_file(work / "long", args.long_minutes)
+    big = replicate(files, work / "big", args.scale)
+    cap = args.max_audio_s if args.max_audio_s is not None else _config_cap()
+    cases = [("corpus", work / "audio", files, []),
+             (f"one {args.long_minutes:g}-minute file", work / "long", [long_file], []),
+             (f"{args.scale}x corpus", work / "big", big, []),
+             (f"corpus, batch.max_audio_s={cap / 4:g}", work / "audio", files, [f"batch.max_audio_s={cap / 4:g}"])]
+    out = []
+    for i, (name, data, case_files, extra) in enumerate(cases):
+        record = measure_stage("pipeline", args, work, case_files, codec_dir, data, audio_seconds(case_files),
+                               extra, label=f"memory-{i}")
+        record["case"] = name
+        out.append(record)
+    return out
+
+
+def _config_cap() -> float:
+    from benchmarks.stages import compose
+
+    return compose(["dataset=folder", "dataset.path=."]).batch.max_audio_s
+
+
+def report(result: dict[str, Any]) -> str:
+    """A plain-text table of the results."""
+    m = result["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, load avg at start "
+             f"{', '.join(f'{x:.1f}' for x in m['load_avg_at_start'])}",
+             f"corpus: {result['corpus']['files']} files, {result['corpus']['audio_s']:.1f} s of 44.1 kHz stereo audio",
+             f"codec: {result['codec']}", "",
+             f"{'stage':<42}{'audio s/s':>10}{'RTF':>8}{'wall s':>9}{'CPU s':>8}{'peak RSS':>10}{'tree RSS':>10}"
+             f"{'tree PSS':>10}"]
+    rows = list(result.get("stages", {}).values()) + result.get("memory", [])
+    for r in rows:
+        name = r.get("case", r["label"])
+        if "timed_s" not in r:
+            lines.append(f"{name:<42} FAILED (exit {r['returncode']})")
+            continue
+        pss = r["peak_tree_pss_mb"] or math.nan
+        gpu = f"  GPU {r['peak_gpu_allocated_mb']:.0f} MB" if "peak_gpu_allocated_mb" in r else ""
+        lines.append(f"{name[:41]:<42}{r['audio_s_per_s']:>10.2f}{r['rtf']:>8.3f}{r['timed_s']:>9.1f}"
+                     f"{r['cpu_s']:>8.1f}{r['peak_rss_mb']:>8.0f}MB{r['peak_tree_rss_mb']:>8.0f}MB{pss:>8.0f}MB{gpu}")
+    lines.append("")
+    for name, value in result.get("ratios", {}).items():
+        lines.append(f"{name}: {'n/a' if value is None else f'{value:.2f}'}")
+    if "storage" in result:
+        s = result["storage"]
+        lines.append(f"bits/token: {s['bits_per_token']:.2f} (whole shards), {s['codes_bits_per_token']:.2f} "
+                     f"(codes column), {s['codes_data_bits_per_token']:.2f} (codes data pages, without the "
+                     f"dictionary pages), unigram entropy {s['unigram_entropy_bits']} ({s['tokens']} tokens)")
+    for name, t in result.get("targets", {}).items():
+        lines.append(f"target {name}: {'n/a' if t is None else ('met' if t['met'] else 'MISSED') + ' (' + str(t['value']) + ')'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

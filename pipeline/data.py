@@ -1,0 +1,357 @@
+"""The training-side reader: Parquet rows of an output folder -> ``[K, T]`` code tensors for a training loop.
+
+The output stores raw codes only (DESIGN.md "Tokens"); crops, padding, the MusicGen delay pattern and special
+tokens are applied here, per example:
+
+1. crop: ``crop_frames`` frames, at a random start (``random_crop``) or the head; shorter rows are padded.
+2. delay (``delay_pattern``): audiocraft's ``DelayedPatternProvider`` with delays ``[0, 1, ..., K-1]``, as
+   ``Pattern.build_pattern_sequence(codes, special, keep_only_valid_steps=False)`` lays it out: ``[K, T + K]``,
+   step 0 all ``special_token`` (the start step), codebook ``k`` at step ``s`` holding frame ``s - 1 - k``.
+   ``undelay`` inverts it.
+3. collate: ``codes [B, K, L] int64``, ``mask [B, L] bool`` (steps that belong to the example, not padding),
+   ``token_mask [B, K, L] bool`` (positions holding a real code: the loss targets), metadata as lists.
+
+A row's crop start depends on (seed, epoch, id, segment_index) only, so the same row gives the same example
+whatever the rank/worker split, and ``TokenDataset`` and ``to_example`` (for ``datasets.load_dataset(OUT)``
+rows) agree. How rows are split across ranks and workers: ``pipeline.data_split``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.data_split import RowGroup, assign, budgets, resolve_split
+
+DEFAULT_FIELDS = ("id", "segment_index")
+
+
+@dataclass(frozen=True)
+class ExampleOptions:
+    """How a row becomes an example.
+
+    Args:
+        crop_frames: frames per example (50 per second for EnCodec 32 kHz); None keeps whole rows (collate pads).
+        random_crop: a random window of a longer row; False takes its first ``crop_frames``.
+        delay_pattern: apply the MusicGen delay pattern (output length ``crop_frames + K``).
+        special_token: the id filling delayed positions; MusicGen uses the cardinality (2048).
+        pad_token: the id filling padding; None uses ``special_token``.
+        fields: row columns returned alongside the codes (``description``, ``genre``, ``metadata``, ...).
+        seed: seeds the crops (and, in ``TokenDataset``, the shuffle).
+    """
+
+    crop_frames: int | None = None
+    random_crop: bool = True
+    delay_pattern: bool = False
+    special_token: int = 2048
+    pad_token: int | None = None
+    fields: tuple[str, ...] = DEFAULT_FIELDS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.crop_frames is not None and self.crop_frames <= 0:
+            raise ValueError(f"crop_frames must be a positive frame count or None, got {self.crop_frames}")
+
+    @property
+    def pad(self) -> int:
+        return self.special_token if self.pad_token is None else self.pad_token
+
+
+def delay(codes: torch.Tensor, special_token: int) -> torch.Tensor:
+    """``[..., K, T]`` -> ``[..., K, T + K]``: codebook ``k`` shifted right by ``k + 1`` steps (the ``+1`` is the
+    start step of audiocraft's pattern), the gaps filled with ``special_token``.
+
+    >>> delay(torch.tensor([[1, 2, 3], [4, 5, 6]]), 9).tolist()
+    [[9, 1, 2, 3, 9], [9, 9, 4, 5, 6]]
+    """
+    *lead, k, t = codes.shape
+    out = codes.new_full((*lead, k, t + k), special_token)
+    for q in range(k):
+        out[..., q, q + 1 : q + 1 + t] = codes[..., q, :]
+    return out
+
+
+def undelay(sequence: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``delay``: ``[..., K, S]`` -> ``[..., K, S - K]``.
+
+    >>> undelay(torch.tensor([[9, 1, 2, 3, 9], [9, 9, 4, 5, 6]])).tolist()
+    [[1, 2, 3], [4, 5, 6]]
+    """
+    k, s = sequence.shape[-2:]
+    return torch.stack([sequence[..., q, q + 1 : q + 1 + s - k] for q in range(k)], dim=-2)
+
+
+def crop_start(n_frames: int, opts: ExampleOptions, key: tuple[str, int], epoch: int) -> int:
+    """Where the crop of a row starts: 0, or uniform over the valid starts, seeded by (seed, epoch, row)."""
+    if opts.crop_frames is None or not opts.random_crop or n_frames <= opts.crop_frames:
+        return 0
+    rng = np.random.default_rng([opts.seed, epoch, zlib.crc32(key[0].encode()), key[1]])
+    return int(rng.integers(0, n_frames - opts.crop_frames + 1))
+
+
+def make_example(codes: np.ndarray, meta: Mapping[str, Any], opts: ExampleOptions, epoch: int = 0) -> dict[str, Any]:
+    """One row's codes ``[K, T]`` (+ its metadata) -> an example: crop, pad, delay.
+
+    Returns:
+        ``codes`` int64 ``[K, L]``, ``mask`` bool ``[L]``, ``token_mask`` bool ``[K, L]``, ``length`` (real frames),
+        ``start`` (crop start frame), and every ``opts.fields`` entry.
+    """
+    k, n = codes.shape
+    start = crop_start(n, opts, (str(meta.get("id", "")), int(meta.get("segment_index", 0))), epoch)
+    length = n - start if opts.crop_frames is None else min(opts.crop_frames, n - start)
+    size = length if opts.crop_frames is None else opts.crop_frames
+    out = torch.full((k, size), opts.pad, dtype=torch.int64)
+    out[:, :length] = torch.from_numpy(np.asarray(codes[:, start : start + length], dtype=np.int64))
+    tokens = torch.zeros((k, size), dtype=torch.bool)
+    tokens[:, :length] = True
+    steps = length
+    if opts.delay_pattern:
+        out, tokens, steps = delay(out, opts.special_token), delay(tokens, False), length + k
+    mask = torch.arange(out.shape[-1]) < steps
+    example = {"codes": out, "mask": mask, "token_mask": tokens, "length": length, "start": start}
+    example.update({name: meta.get(name) for name in opts.fields})
+    return example
+
+
+def collate(examples: Sequence[Mapping[str, Any]], pad_token: int = 2048) -> dict[str, Any]:
+    """Stack examples: tensors padded on the right to the longest (with ``pad_token``, masks False), ``length``
+    and ``start`` as int64 tensors, every other field as a list."""
+    longest = max(e["codes"].shape[-1] for e in examples)
+    batch: dict[str, Any] = {
+        "codes": torch.stack([_pad(e["codes"], longest, pad_token) for e in examples]),
+        "mask": torch.stack([_pad(e["mask"], longest, False) for e in examples]),
+        "token_mask": torch.stack([_pad(e["token_mask"], longest, False) for e in examples]),
+        "length": torch.tensor([e["length"] for e in examples], dtype=torch.int64),
+        "start": torch.tensor([e["start"] for e in examples], dtype=torch.int64),
+    }
+    for name in examples[0]:
+        if name not in batch:
+            batch[name] = [e[name] for e in examples]
+    return batch
+
+
+def _pad(x: torch.Tensor, size: int, value: Any) -> torch.Tensor:
+    if x.shape[-1] == size:
+        return x
+    return torch.nn.functional.pad(x, (0, size - x.shape[-1]), value=value)
+
+
+def to_example(row: Mapping[str, Any], crop_frames: int | None = None, random_crop: bool = False,
+               delay_pattern: bool = False, special_token: int = 2048, pad_token: int | None = None,
+               fields: Sequence[str] = DEFAULT_FIELDS, seed: int = 0, epoch: int = 0) -> dict[str, Any]:
+    """A ``datasets.load_dataset(OUT)`` row (codes as K lists) -> the same example ``TokenDataset`` yields.
+
+    Args: as ``ExampleOptions``; ``epoch`` moves the random crops.
+    """
+    opts = ExampleOptions(crop_frames, random_crop, delay_pattern, special_token, pad_token, tuple(fields), seed)
+    return make_example(np.asarray(row["codes"], dtype=np.int64), row, opts, epoch)
+
+
+class HFTokenDataset(torch.utils.data.Dataset):
+    """A map-style view of a Hugging Face dataset of output rows (``load_dataset(OUT, split="train")``).
+
+    Shuffling and DDP splitting are the sampler's (``DistributedSampler``); ``set_epoch`` moves the crops.
+    """
+
+    def __init__(self, ds: Any, opts: ExampleOptions):
+        self.ds, self.opts, self.epoch = ds, opts, 0
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.ds[index]
+        return make_example(np.asarray(row["codes"], dtype=np.int64), row, self.opts, self.epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def collate(self):
+        return functools.partial(collate, pad_token=self.opts.pad)
+
+
+def from_hf(ds: Any, **options: Any) -> HFTokenDataset:
+    """Wrap a Hugging Face dataset of output rows; ``options`` are ``ExampleOptions`` fields."""
+    if "fields" in options:
+        options["fields"] = tuple(options["fields"])
+    return HFTokenDataset(ds, ExampleOptions(**options))
+
+
+def shard_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """An output folder (its ``data/*.parquet``), one Parquet file, or a list of them -> sorted paths."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        files = sorted((path / "data").glob("*.parquet")) if path.is_dir() else [path]
+    else:
+        files = sorted(Path(p) for p in source)
+    if not files:
+        raise ValueError(f"no Parquet shards in {source} (expected an output folder with data/*.parquet)")
+    return files
+
+
+def codec_metadata(path: Path) -> dict[str, Any]:
+    """The ``pipeline.codec`` entry of a shard (sample rate, frame rate, K, cardinality); {} if absent."""
+    raw = (pq.read_schema(path).metadata or {}).get(b"pipeline.codec")
+    return json.loads(raw) if raw else {}
+
+
+def codes_of(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+    """A ``codes`` column -> one int16 ``[K, T]`` array per row, as views of one flat buffer (no per-code Python)."""
+    outer = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    outer_offsets = outer.offsets.to_numpy()
+    inner = outer.values
+    inner_offsets = inner.offsets.to_numpy()
+    values = inner.values.to_numpy(zero_copy_only=False)
+    out = []
+    for r in range(len(outer)):
+        first, last = inner_offsets[outer_offsets[r]], inner_offsets[outer_offsets[r + 1]]
+        k = outer_offsets[r + 1] - outer_offsets[r]
+        out.append(values[first:last].reshape(k, -1) if k else np.zeros((0, 0), np.int16))
+    return out
+
+
+class TokenDataset(torch.utils.data.IterableDataset):
+    """Examples from the Parquet shards of an output folder, split across DDP ranks and DataLoader workers.
+
+    Every row is read by exactly one (rank, worker) per epoch (see ``pipeline.data_split`` for how). Call
+    ``set_epoch(e)`` before each epoch for a new shuffle and new crops; with ``persistent_workers=True`` the
+    workers keep the dataset they started with, so leave it off (the default) or the epoch will not change.
+
+    Args:
+        source: an output folder, a Parquet file, or a list of them.
+        crop_frames, random_crop, delay_pattern, pad_token, fields: see ``ExampleOptions``.
+        special_token: None takes the codec's cardinality from the shards' metadata (MusicGen's choice).
+        shuffle: shuffle units, rows within them and a ``shuffle_buffer`` of rows; False reads in file order.
+        seed: seeds the shuffle and the crops.
+        rank, world_size: this process's place; None takes them from ``torch.distributed`` when initialised.
+        split: ``auto``, ``file``, ``row_group`` or ``row``.
+        even_ranks: every rank yields as many rows as the smallest (needed by DDP); None: on when world_size > 1.
+        shuffle_buffer: rows mixed across units in each worker (memory: rows x one row's codes).
+    """
+
+    def __init__(self, source: str | Path | Sequence[str | Path], *, crop_frames: int | None = None,
+                 random_crop: bool = True, delay_pattern: bool = False, special_token: int | None = None,
+                 pad_token: int | None = None, fields: Sequence[str] = DEFAULT_FIELDS, shuffle: bool = True,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None, split: str = "auto",
+                 even_ranks: bool | None = None, shuffle_buffer: int = 1024):
+        self.files = shard_files(source)
+        self.codec = codec_metadata(self.files[0])
+        if special_token is None:
+            if "cardinality" not in self.codec:
+                raise ValueError(f"{self.files[0]} has no pipeline.codec metadata; pass special_token explicitly")
+            special_token = int(self.codec["cardinality"])
+        self.opts = ExampleOptions(crop_frames, random_crop, delay_pattern, special_token, pad_token, tuple(fields),
+                                   seed)
+        self._check_fields()
+        self.groups = [group for f, path in enumerate(self.files) for group in _row_groups(f, path)]
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        resolve_split(split, 1, 1, 1)  # validates the name now, not in a worker
+        self.split, self.shuffle, self.shuffle_buffer = split, shuffle, shuffle_buffer
+        self.even_ranks = self.world_size > 1 if even_ranks is None else even_ranks
+        self.epoch = 0
+
+    def _check_fields(self) -> None:
+        names = set(pq.read_schema(self.files[0]).names)
+        missing = [f for f in self.opts.fields if f not in names]
+        if missing:
+            raise ValueError(f"fields {missing} are not columns of {self.files[0].name}; columns: {sorted(names)}")
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in all shards (all ranks together)."""
+        return sum(g.rows for g in self.groups)
+
+    @property
+    def collate(self):
+        """``collate`` with this dataset's pad token, for ``DataLoader(collate_fn=ds.collate)``."""
+        return functools.partial(collate, pad_token=self.opts.pad)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def assignment(self, num_workers: int = 0):
+        """This epoch's pieces and row budget of every consumer (``rank * workers + worker``), and the split used."""
+        consumers = self.world_size * max(1, num_workers)
+        split = resolve_split(self.split, len(self.files), len(self.groups), consumers)
+        rng = np.random.default_rng([self.opts.seed, self.epoch]) if self.shuffle else None
+        pieces = assign(self.groups, consumers, split, rng)
+        return pieces, budgets(pieces, self.world_size, self.even_ranks), split
+
+    def epoch_size(self, num_workers: int = 0) -> int:
+        """Examples this rank yields this epoch with ``num_workers`` DataLoader workers (for LR schedules)."""
+        pieces, limits, _ = self.assignment(num_workers)
+        workers = max(1, num_workers)
+        mine = range(self.rank * workers, (self.rank + 1) * workers)
+        return sum(sum(p.n_rows for p in pieces[c]) if limits[c] is None else limits[c] for c in mine)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        pieces, limits, _ = self.assignment(workers if info is not None else 0)
+        consumer = self.rank * workers + worker
+        rng = np.random.default_rng([self.opts.seed, self.epoch, consumer]) if self.shuffle else None
+        rows = self._rows(pieces[consumer], rng)
+        if rng is not None:
+            rows = _buffer_shuffle(rows, self.shuffle_buffer, rng)
+        for i, (codes, meta) in enumerate(rows):
+            if limits[consumer] is not None and i >= limits[consumer]:
+                return
+            yield make_example(codes, meta, self.opts, self.epoch)
+
+    def _rows(self, pieces, rng: np.random.Generator | None) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+        columns = ["codes"] + sorted({"id", "segment_index", *self.opts.fields} - {"codes"})
+        opened: tuple[int, pq.ParquetFile] | None = None  # pieces of one file come together: keep its footer
+        for piece in pieces:
+            if opened is None or opened[0] != piece.group.file:
+                opened = piece.group.file, pq.ParquetFile(self.files[piece.group.file])
+            table = opened[1].read_row_group(piece.group.index, columns=columns)
+            if piece.rows is not None:
+                table = table.take(piece.rows)
+            codes = codes_of(table.column("codes"))
+            meta = {name: table.column(name).to_pylist() for name in columns[1:]}
+            for i in rng.permutation(len(codes)) if rng is not None else range(len(codes)):
+                yield codes[i], {name: values[i] for name, values in meta.items()}
+
+
+def _row_groups(file: int, path: Path) -> list[RowGroup]:
+    meta = pq.ParquetFile(path).metadata  # the footer only
+    return [RowGroup(file, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+
+
+def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Mix a stream through a buffer of ``size`` items (as webdataset does): rows of different units interleave."""
+    buffer: list = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(size))
+        yield buffer[i]
+        buffer[i] = item
+    for i in rng.permutation(len(buffer)):
+        yield buffer[i]
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if (rank is None) != (world_size is None):
+        raise ValueError("pass both rank and world_size, or neither (then torch.distributed decides)")
+    if rank is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    return rank, world_size

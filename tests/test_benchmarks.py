@@ -1,0 +1,63 @@
+"""``python -m benchmarks.run`` on a tiny workload (tiny fixture codec, seconds of audio): it runs every stage and
+writes every field with sane values. No timing thresholds: timings on a shared CI machine are noise."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import REPO
+
+STAGE_FIELDS = ("timed_s", "audio_s_per_s", "rtf", "cpu_s", "peak_rss_mb", "peak_tree_rss_mb", "outer_wall_s",
+                "audio_s")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_benchmark_writes_every_field(tmp_path: Path, tiny_codec_dir: Path) -> None:
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "benchmarks.run", "--minutes", "0.2", "--min-s", "3", "--max-s", "6",
+           "--codec", str(tiny_codec_dir), "--device", "cpu", "--out", str(out), "--work", str(tmp_path / "work"),
+           "--set", "segment.length_s=5", "--max-audio-s", "20", "--workers", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+
+    assert result["ok"] and result["machine"]["cores"] >= 1 and result["machine"]["torch"]
+    assert result["corpus"]["files"] >= 2 and _positive(result["corpus"]["audio_s"])
+    assert set(result["stages"]) == {"naive", "codec", "pipeline"}
+    for name, stage in result["stages"].items():
+        for field in STAGE_FIELDS:
+            assert _positive(stage[field]), (name, field, stage.get(field))
+        assert stage["returncode"] == 0
+        assert math.isclose(stage["rtf"] * stage["audio_s_per_s"], 1.0, rel_tol=1e-6)
+        # Every stage saw the same audio.
+        assert stage["audio_s"] == result["corpus"]["audio_s"]
+    pipeline = result["stages"]["pipeline"]
+    assert pipeline["processes"] >= 2  # the main process and its decode worker were both sampled
+    assert pipeline["stats"]["failed"] == 0 and pipeline["stats"]["ok"] == result["corpus"]["files"]
+    assert math.isclose(pipeline["stats"]["audio_s"], result["corpus"]["audio_s"], rel_tol=1e-3)
+    codec = result["stages"]["codec"]
+    assert codec["batches"] >= 1 and codec["padded_audio_s"] >= codec["segment_audio_s"] > 0
+
+    for name, value in result["ratios"].items():
+        assert _positive(value), name
+    storage = result["storage"]
+    assert storage["tokens"] == pipeline["stats"]["tokens"] > 0
+    assert 0 < storage["codes_column_bytes"] < storage["shard_bytes"]
+    for field in ("bits_per_token", "codes_bits_per_token", "codes_data_bits_per_token", "unigram_entropy_bits"):
+        assert _positive(storage[field]), field
+    assert set(result["targets"]) == {"pipeline_over_codec >= 0.9", "pipeline_over_naive >= 1.8",
+                                      "bits_per_token < 11.5"}
+    assert "audio s/s" in proc.stdout and "bits/token" in proc.stdout
+
+
+def test_rejects_unknown_stage() -> None:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--stages", "naive,bogus"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "bogus" in proc.stderr
