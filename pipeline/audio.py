@@ -14,9 +14,11 @@ Bad data raises a typed ``AudioError`` whose ``reason`` is the stable label coun
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -93,15 +95,33 @@ _SLACK_BYTES = 1024
 _UNKNOWN_FRAMES = 2**62
 
 
-def decode_audio(
+# Frames read (and resampled) per block. Streaming keeps a worker's memory bounded by one block plus one segment,
+# whatever the file length; measured: soxr's stream gives bit-identical output to one-shot resampling.
+BLOCK_FRAMES = 1 << 17
+
+
+@dataclass(slots=True)
+class AudioStream:
+    """An opened recording: its source format, and its audio as resampled ``[C, n]`` float32 blocks.
+
+    The blocks are validated as they are read; errors found late (a NaN block, a truncated file detected at the
+    end) raise from the iterator, after earlier blocks were handed out.
+    """
+
+    source_sample_rate: int
+    source_channels: int
+    blocks: Iterator[np.ndarray]
+
+
+def open_audio(
     source: AudioSource,
     *,
     target_sr: int,
     channels: str = "mono",
     quality: str = "HQ",
     name: str | None = None,
-) -> DecodedAudio:
-    """Decode, validate, apply the channel policy and resample to ``target_sr``.
+) -> AudioStream:
+    """Open, then stream: decode, validate, apply the channel policy and resample to ``target_sr`` block by block.
 
     Args:
         source: a local path, or the file's raw bytes.
@@ -111,20 +131,62 @@ def decode_audio(
         quality: soxr quality, ``HQ`` or ``VHQ``.
         name: how messages name the recording (defaults to the path, or ``<bytes>``).
 
-    Returns:
-        ``DecodedAudio`` with float32 C-contiguous samples ``[1 or 2, n]`` at ``target_sr``.
-
     Raises:
-        AudioError: a subclass whose ``reason`` says what is wrong with the file.
+        AudioError: a subclass whose ``reason`` says what is wrong with the file (from here or from the blocks).
         ValueError: bad arguments.
     """
     _check_args(target_sr, channels, quality)
     label = name or ("<bytes>" if isinstance(source, bytes | bytearray) else str(source))
     _check_source(source, label)
-    samples, source_sr = _read_any(source, label)
-    _validate(samples, label)
-    out = _resample(_apply_channel_policy(samples, channels), source_sr, target_sr, quality)
-    return DecodedAudio(np.ascontiguousarray(out, dtype=np.float32), target_sr, source_sr, samples.shape[0])
+    rate, n_channels, raw = _open_any(source, label)
+    out_channels = 1 if channels == "mono" else 2
+    resampler = None if rate == target_sr else soxr.ResampleStream(rate, target_sr, out_channels, dtype="float32",
+                                                                   quality=quality)
+    return AudioStream(rate, n_channels, _process(raw, channels, resampler, label))
+
+
+def decode_audio(
+    source: AudioSource,
+    *,
+    target_sr: int,
+    channels: str = "mono",
+    quality: str = "HQ",
+    name: str | None = None,
+) -> DecodedAudio:
+    """The whole recording at once (``open_audio`` with the blocks joined): float32 ``[1 or 2, n]`` at ``target_sr``.
+
+    Same arguments and errors as ``open_audio``; same samples as the stream, by construction.
+    """
+    stream = open_audio(source, target_sr=target_sr, channels=channels, quality=quality, name=name)
+    blocks = list(stream.blocks)
+    samples = np.concatenate(blocks, axis=1) if blocks else np.zeros((1 if channels == "mono" else 2, 0), np.float32)
+    return DecodedAudio(np.ascontiguousarray(samples), target_sr, stream.source_sample_rate, stream.source_channels)
+
+
+def _process(raw: Iterator[np.ndarray], channels: str, resampler, label: str) -> Iterator[np.ndarray]:
+    """Validate, apply the channel policy and resample each raw ``[C, n]`` block; check the total at the end."""
+    n_frames = 0
+    blocks = _lookahead(raw)
+    for block, last in blocks:
+        _validate_block(block, label, n_frames)
+        n_frames += block.shape[1]
+        mixed = _apply_channel_policy(block, channels)
+        out = mixed if resampler is None else resampler.resample_chunk(mixed.T, last=last).T
+        if out.shape[1]:
+            yield np.ascontiguousarray(out, dtype=np.float32)
+    if n_frames == 0:
+        raise NoAudioFrames(f"{label}: 0 audio frames")
+
+
+def _lookahead(blocks: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, bool]]:
+    """``(block, is_last)`` pairs: the resampler must flush its filter tail on the last block."""
+    prev = None
+    for block in blocks:
+        if prev is not None:
+            yield prev, False
+        prev = block
+    if prev is not None:
+        yield prev, True
 
 
 def probe_duration(path: str | os.PathLike) -> float | None:
@@ -177,17 +239,30 @@ def _open(source: AudioSource) -> str | io.BytesIO:
     return io.BytesIO(source) if isinstance(source, bytes | bytearray) else str(source)
 
 
-def _read_soundfile(source: AudioSource, label: str) -> tuple[np.ndarray, int]:
-    with sf.SoundFile(_open(source)) as f:
-        if f.frames >= _UNKNOWN_FRAMES:
-            raise ValueError("libsndfile does not know the length")
-        samples = f.read(dtype="float32", always_2d=True)
-        _check_complete(f, len(samples), label)
-    if not len(samples):
+def _soundfile_open(source: AudioSource, label: str) -> tuple[int, int, Iterator[np.ndarray]]:
+    f = sf.SoundFile(_open(source))
+    if f.frames >= _UNKNOWN_FRAMES or f.frames == 0:
         # Measured: a WAV whose writer never filled in the data size (0) reads as 0 frames here and whole in
-        # ffmpeg; a real header-only file gives 0 frames there too and fails validation as no_frames.
-        raise ValueError("0 frames")
-    return samples.T, f.samplerate
+        # ffmpeg; a FLAC streamed without a length reports SF_COUNT_MAX. Both go to PyAV; a real header-only
+        # file gives 0 frames there too and fails as no_frames.
+        f.close()
+        raise ValueError("libsndfile does not know the length" if f.frames else "0 frames")
+    return f.samplerate, f.channels, _soundfile_blocks(f, label)
+
+
+def _soundfile_blocks(f: sf.SoundFile, label: str) -> Iterator[np.ndarray]:
+    with f:
+        n_read = 0
+        while True:
+            try:
+                block = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+            except Exception as e:  # noqa: BLE001 - past the header, a read error means the data is broken
+                raise UndecodableAudio(f"{label}: soundfile failed after {n_read} frames: {type(e).__name__}: {e}")
+            if not len(block):
+                break
+            n_read += len(block)
+            yield block.T
+        _check_complete(f, n_read, label)
 
 
 def _check_complete(f: sf.SoundFile, n_read: int, label: str) -> None:
@@ -200,45 +275,68 @@ def _check_complete(f: sf.SoundFile, n_read: int, label: str) -> None:
         raise TruncatedAudio(f"{label}: header declares {f.frames} frames, decoded {n_read}")
 
 
-def _read_pyav(source: AudioSource, label: str) -> tuple[np.ndarray, int]:
-    with av.open(_open(source)) as container:
-        if not container.streams.audio:
-            raise NoAudioFrames(f"{label}: container has no audio stream")
-        stream = container.streams.audio[0]
-        # Planar float at the native rate and layout; the resampler also absorbs mid-stream format changes.
-        resampler = av.AudioResampler(format="fltp")
-        chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
-        chunks += [out.to_ndarray() for out in resampler.resample(None)]
-        n_channels = stream.codec_context.channels
-        rate = stream.codec_context.sample_rate
-    samples = np.concatenate(chunks, axis=1) if chunks else np.zeros((n_channels, 0), np.float32)
-    return samples.astype(np.float32, copy=False), rate
+def _pyav_open(source: AudioSource, label: str) -> tuple[int, int, Iterator[np.ndarray]]:
+    container = av.open(_open(source))
+    if not container.streams.audio:
+        container.close()
+        raise NoAudioFrames(f"{label}: container has no audio stream")
+    stream = container.streams.audio[0]
+    ctx = stream.codec_context
+    return ctx.sample_rate, ctx.channels, _pyav_blocks(container, stream, label)
 
 
-_BACKENDS: tuple[tuple[str, Callable[[AudioSource, str], tuple[np.ndarray, int]]], ...] = (
-    ("soundfile", _read_soundfile),
-    ("pyav", _read_pyav),
+def _pyav_blocks(container, stream, label: str) -> Iterator[np.ndarray]:
+    # Planar float at the native rate and layout; the resampler also absorbs mid-stream format changes.
+    resampler = av.AudioResampler(format="fltp")
+    with container:
+        pending, n_pending = [], 0
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    pending.append(out.to_ndarray())
+                    n_pending += pending[-1].shape[1]
+                if n_pending >= BLOCK_FRAMES:  # hand out blocks of about the same size as soundfile's
+                    yield np.concatenate(pending, axis=1).astype(np.float32, copy=False)
+                    pending, n_pending = [], 0
+            pending += [out.to_ndarray() for out in resampler.resample(None)]
+        except av.error.FFmpegError as e:
+            raise UndecodableAudio(f"{label}: pyav failed mid-stream: {type(e).__name__}: {e}")
+        if pending:
+            yield np.concatenate(pending, axis=1).astype(np.float32, copy=False)
+
+
+_BACKENDS: tuple[tuple[str, Callable[[AudioSource, str], tuple[int, int, Iterator[np.ndarray]]]], ...] = (
+    ("soundfile", _soundfile_open),
+    ("pyav", _pyav_open),
 )
 
 
-def _read_any(source: AudioSource, label: str) -> tuple[np.ndarray, int]:
+def _open_any(source: AudioSource, label: str) -> tuple[int, int, Iterator[np.ndarray]]:
+    """Open with the first backend that takes the file, and make sure it yields audio.
+
+    A backend counts as taking the file once its first block decodes, so a file libsndfile opens but cannot
+    read still goes to PyAV. Later failures belong to the file, not the backend.
+    """
     errors = []
-    for backend, read in _BACKENDS:
+    for backend, open_ in _BACKENDS:
         try:
-            return read(source, label)
+            rate, n_channels, blocks = open_(source, label)
+            first = next(blocks, None)
         except AudioError:
             raise  # the file was read and is bad; a more lenient backend would only hide that
         except Exception as e:  # noqa: BLE001 - any backend failure means "try the next one"
             errors.append(f"{backend}: {type(e).__name__}: {e}")
+            continue
+        if first is None:  # the backend reads the file and finds it empty (a header, a silent container)
+            raise NoAudioFrames(f"{label}: 0 audio frames ({backend})")
+        return rate, n_channels, itertools.chain([first], blocks)
     raise UndecodableAudio(f"{label}: every backend failed: " + "; ".join(errors))
 
 
-def _validate(samples: np.ndarray, label: str) -> None:
-    if samples.shape[1] == 0:
-        raise NoAudioFrames(f"{label}: 0 audio frames")
-    bad = samples.size - int(np.isfinite(samples).sum())
+def _validate_block(block: np.ndarray, label: str, offset: int) -> None:
+    bad = block.size - int(np.count_nonzero(np.isfinite(block)))
     if bad:
-        raise NonFiniteAudio(f"{label}: {bad} NaN/Inf samples of {samples.size}")
+        raise NonFiniteAudio(f"{label}: {bad} NaN/Inf samples in the block at frame {offset}")
 
 
 def _apply_channel_policy(samples: np.ndarray, channels: str) -> np.ndarray:
@@ -247,10 +345,3 @@ def _apply_channel_policy(samples: np.ndarray, channels: str) -> np.ndarray:
     if samples.shape[0] == 1:
         return np.repeat(samples, 2, axis=0)
     return samples[:2]
-
-
-def _resample(samples: np.ndarray, sr: int, target_sr: int, quality: str) -> np.ndarray:
-    if sr == target_sr:
-        return samples
-    # soxr wants [n, C]; it keeps float32 and filters each channel independently.
-    return soxr.resample(samples.T, sr, target_sr, quality=quality).T

@@ -1,6 +1,8 @@
 """Batch stage: segments -> fixed-shape batches, one shape per bucket (padded length).
 
-Every batch of a bucket has the same ``[rows, 1, padded_len]`` shape, short batches are filled with zero rows.
+Every batch of a bucket has the same ``[rows, row_channels, padded_len]`` shape, short batches are filled with zero
+rows. A mono-input codec takes one row per channel (``row_channels`` 1; stereo segments take two rows, interleaved
+after encoding); a stereo-input codec (EnCodec 48 kHz) takes one row per segment with both channels.
 With a fixed shape each row's codes are independent of its batch-mates and position (DESIGN.md "Tokens"), so
 rows per bucket are part of the fingerprint and never depend on how much data a rank happens to hold.
 """
@@ -19,21 +21,24 @@ from pipeline.types import Segment
 class BatchPolicy:
     """Rows per batch for each padded length.
 
-    A row is one channel of one segment (stereo segments take two rows: L and R are encoded by the mono codec).
+    A row is what the codec encodes at once: one channel of a segment for a mono-input codec (stereo segments
+    take two rows: L and R are encoded by the mono codec), or a whole segment for a stereo-input codec.
 
     Args:
-        max_audio_samples: cap on ``rows * padded_len``; bounds memory whatever the file lengths.
+        max_audio_samples: cap on ``rows * row_channels * padded_len``; bounds memory whatever the file lengths.
         max_rows: cap on rows.
-        channels: rows per segment (1 mono, 2 stereo).
+        channels: rows per segment (mono codec: 1 mono, 2 stereo; stereo codec: 1).
+        row_channels: audio channels in each row, the codec's input channels.
     """
 
     max_audio_samples: int
     max_rows: int
     channels: int = 1
+    row_channels: int = 1
 
     @staticmethod
-    def from_config(cfg: BatchConfig, sample_rate: int, channels: int) -> "BatchPolicy":
-        return BatchPolicy(round(cfg.max_audio_s * sample_rate), cfg.max_rows, channels)
+    def from_config(cfg: BatchConfig, sample_rate: int, channels: int, row_channels: int = 1) -> "BatchPolicy":
+        return BatchPolicy(round(cfg.max_audio_s * sample_rate), cfg.max_rows, channels, row_channels)
 
     def rows_for(self, padded_len: int) -> int:
         """Rows in every batch of this bucket: as many as the caps allow, a multiple of ``channels``, at least one segment.
@@ -42,28 +47,41 @@ class BatchPolicy:
         2
         >>> BatchPolicy(max_audio_samples=1000, max_rows=3, channels=1).rows_for(100)
         3
+        >>> BatchPolicy(max_audio_samples=1000, max_rows=64, channels=1, row_channels=2).rows_for(250)
+        2
         """
-        rows = min(self.max_rows, self.max_audio_samples // padded_len)
+        rows = min(self.max_rows, self.max_audio_samples // (padded_len * self.row_channels))
         return max(self.channels, rows - rows % self.channels)
 
 
 @dataclass(slots=True)
 class Batch:
-    """Segments that share one padded length, with the fixed row count of their bucket."""
+    """Segments that share one padded length, with the fixed row count of their bucket and channels per row."""
 
     padded_len: int
     rows: int
     segments: list[Segment] = field(default_factory=list)
+    row_channels: int = 1
 
     def to_array(self) -> np.ndarray:
-        """float32 ``[rows, 1, padded_len]``: each segment's channels as consecutive rows, zero-padded right and below."""
-        out = np.zeros((self.rows, 1, self.padded_len), dtype=np.float32)
+        """float32 ``[rows, row_channels, padded_len]``, zero-padded right and below.
+
+        With one channel per row each segment's channels are consecutive rows; otherwise each segment is one row.
+        """
+        out = np.zeros((self.rows, self.row_channels, self.padded_len), dtype=np.float32)
         row = 0
         for seg in self.segments:
-            for channel in seg.audio:
-                out[row, 0, : channel.shape[-1]] = channel
+            for audio in self._rows_of(seg):
+                out[row, :, : audio.shape[-1]] = audio
                 row += 1
         return out
+
+    def _rows_of(self, seg: Segment) -> list[np.ndarray]:
+        """The segment's rows, each ``[row_channels, n]``."""
+        if seg.audio.shape[0] % self.row_channels:
+            raise ValueError(f"a {seg.audio.shape[0]}-channel segment does not split into "
+                             f"{self.row_channels}-channel rows")
+        return np.split(seg.audio, seg.audio.shape[0] // self.row_channels)
 
 
 class Batcher:
@@ -77,7 +95,8 @@ class Batcher:
         """Queue a segment; returns its bucket's batch if this segment filled it."""
         batch = self._open.get(segment.padded_len)
         if batch is None:
-            batch = self._open[segment.padded_len] = Batch(segment.padded_len, self.policy.rows_for(segment.padded_len))
+            batch = self._open[segment.padded_len] = Batch(segment.padded_len, self.policy.rows_for(segment.padded_len),
+                                                           row_channels=self.policy.row_channels)
         batch.segments.append(segment)
         if len(batch.segments) * self.policy.channels >= batch.rows:
             return self._open.pop(segment.padded_len)

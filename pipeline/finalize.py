@@ -9,11 +9,16 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from pipeline.layout import OutputLayout, atomic_write_bytes, atomic_write_json
 from pipeline.plan import Plan
 from pipeline.writer import UnitCounts
+
+if TYPE_CHECKING:  # finalize itself never needs torch
+    from pipeline.codecs.base import Codec
 
 
 class InconsistentOutput(RuntimeError):
@@ -22,7 +27,18 @@ class InconsistentOutput(RuntimeError):
 
 @dataclass
 class CodecInfo:
-    """What a training job needs to know about the codes."""
+    """What a training job needs to know about the codes.
+
+    The fields after ``channels`` have defaults because markers of older outputs lack them.
+
+    Args:
+        num_codebooks: K of a row (twice the codec's K when a mono-input codec is interleaved in stereo).
+        channels: the run's channel policy, ``mono`` or ``stereo``.
+        family: the codec family (``encodec``, ``dac``, ``mimi``).
+        input_channels: channels per encode call: 2 for a stereo-input codec (EnCodec 48 kHz), never interleaved.
+        chunk_length: samples per chunk of a chunked codec (EnCodec 48 kHz), at ``sample_rate``; None otherwise.
+        chunk_stride: samples between chunk starts; ``n_frames`` follows from both (``verify_checks``).
+    """
 
     pretrained: str
     sample_rate: int
@@ -30,6 +46,32 @@ class CodecInfo:
     num_codebooks: int
     cardinality: int
     channels: str
+    family: str | None = None
+    input_channels: int = 1
+    chunk_length: int | None = None
+    chunk_stride: int | None = None
+
+    @property
+    def hop(self) -> int:
+        return round(self.sample_rate / self.frame_rate)
+
+    def n_frames(self, n_samples: np.ndarray) -> np.ndarray:
+        """Frames the codec emits for each ``n_samples`` (int64): ``ceil(n / hop)``, or for a chunked codec the
+        chunks' frames, as ``EncodecCodec.n_frames`` counts them (``pipeline.codecs.encodec.Chunking``).
+
+        >>> info = CodecInfo("x", 48000, 150.0, 2, 1024, "stereo", chunk_length=48000, chunk_stride=47520)
+        >>> info.n_frames(np.array([1, 47520, 47521, 48000, 480000])).tolist()
+        [1, 149, 151, 152, 1515]
+        """
+        if self.chunk_length is None or self.chunk_stride is None:
+            return -(-n_samples // self.hop)
+        whole = np.maximum(1, -(-n_samples // self.chunk_stride)) - 1  # chunks before the last one
+        return whole * (self.chunk_length // self.hop) + -(-(n_samples - whole * self.chunk_stride) // self.hop)
+
+    @property
+    def interleaved(self) -> bool:
+        """Stereo rows of a mono-input codec: L and R codes interleaved per codebook."""
+        return self.channels == "stereo" and self.input_channels == 1
 
 
 def merge_counts(layout: OutputLayout, plan: Plan) -> tuple[UnitCounts, dict[str, float]]:
@@ -85,6 +127,7 @@ def finalize(layout: OutputLayout, plan: Plan, codec: CodecInfo) -> dict[str, An
 def dataset_card(stats: dict[str, Any], codec: CodecInfo) -> str:
     """The Hub dataset card: YAML ``configs`` (data files) + what the codes are and how to read them."""
     k = codec.num_codebooks
+    tags = "\n".join(f"- {tag}" for tag in ("audio-tokens", codec.family) if tag)
     return f"""---
 configs:
 - config_name: default
@@ -97,8 +140,7 @@ dataset_info:
   config_name: default
   download_size: {stats['shard_bytes']}
 tags:
-- audio-tokens
-- encodec
+{tags}
 ---
 # Audio tokens: `{codec.pretrained}`
 
@@ -109,13 +151,14 @@ RVQ codes of {stats['ok']} recordings ({stats['audio_hours']:.2f} h of audio, {s
 |---|---|---|---|---|---|
 | `{codec.pretrained}` | {codec.sample_rate} Hz | {codec.frame_rate:g} Hz | {k} | {codec.cardinality} | {codec.channels} |
 
-Each row is one segment of one recording. `codes` is int16 `[K][n_frames]` with
-`n_frames = ceil(n_samples / {round(codec.sample_rate / codec.frame_rate)})`; raw codes only: delay patterns and
-special tokens are for the training reader.{" Stereo rows interleave channels per codebook `[L0, R0, L1, R1, ...]`." if codec.channels == "stereo" else ""}
+Each row is one segment of one recording. `codes` is int16 `[K][n_frames]` with {_frames_sentence(codec)}; raw
+codes only: delay patterns and special tokens are for the training reader.{_channels_sentence(codec)}
 
-Columns: `id`, `source`, `segment_index`, `start_s`, `duration_s`, `n_samples`, `n_frames`, `codes`,
-`sample_rate`, `source_sample_rate`, `source_channels`, `title`, `artist`, `description`, `genre`, `key`,
-`instrument`, `name`, `bpm`, `moods`, `keywords`, `metadata` (JSON of any other fields).
+Columns: `id`, `source`, `segment_index`, `start_s`, `duration_s`, `n_samples`, `n_frames`, `codes`, `scales`
+(float32 loudness scale per chunk of a normalising codec such as EnCodec 48 kHz, needed to decode at the original
+level; null for other codecs), `sample_rate`, `source_sample_rate`, `source_channels`, `title`, `artist`,
+`description`, `genre`, `key`, `instrument`, `name`, `bpm`, `moods`, `keywords`, `metadata` (JSON of any other
+fields).
 
 ```python
 from datasets import load_dataset
@@ -129,8 +172,33 @@ Fingerprint `{stats['fingerprint']}` (full detail in `stats.json` and in every s
 """
 
 
-def codec_info(pretrained: str, sample_rate: int, hop_length: int, num_codebooks: int, cardinality: int,
-               channels: str) -> CodecInfo:
-    """Output-level codec description (stereo doubles K through interleaving)."""
-    k = num_codebooks * (2 if channels == "stereo" else 1)
-    return CodecInfo(pretrained, sample_rate, sample_rate / hop_length, k, cardinality, channels)
+def _frames_sentence(codec: CodecInfo) -> str:
+    """How ``n_frames`` follows from ``n_samples``: one frame per hop, or per chunk for a chunked codec."""
+    if codec.chunk_length is None or codec.chunk_stride is None:
+        return f"`n_frames = ceil(n_samples / {codec.hop})`"
+    rate = codec.sample_rate
+    frames, stride = codec.chunk_length // codec.hop, codec.chunk_stride
+    return (f"`n_frames` from the codec's chunking: {codec.chunk_length / rate:g} s chunks start every "
+            f"{stride / rate:g} s and are encoded one by one, and a row's codes are the chunks' codes one after "
+            f"another, {frames} frames per chunk but the last, which keeps the frames that cover the segment: "
+            f"`n_frames = (n_chunks - 1) * {frames} + ceil((n_samples - (n_chunks - 1) * {stride}) / {codec.hop})` "
+            f"with `n_chunks = ceil(n_samples / {stride})` (so decoding splits the codes back into chunks)")
+
+
+def _channels_sentence(codec: CodecInfo) -> str:
+    if codec.interleaved:
+        return " Stereo rows interleave channels per codebook `[L0, R0, L1, R1, ...]`."
+    if codec.input_channels == 2:
+        return " The codec encodes both stereo channels together: K codebooks per row, not interleaved."
+    return ""
+
+
+def codec_info(pretrained: str, family: str, codec: Codec, channels: str) -> CodecInfo:
+    """Output-level codec description: a mono-input codec run in stereo interleaves L and R, doubling K."""
+    chunking = getattr(codec, "chunking", None)  # EncodecCodec's; the other codecs are not chunked
+    info = CodecInfo(pretrained, codec.sample_rate, codec.sample_rate / codec.hop_length, codec.num_codebooks,
+                     codec.cardinality, channels, family, codec.channels,
+                     None if chunking is None else chunking.length, None if chunking is None else chunking.stride)
+    if info.interleaved:
+        info.num_codebooks *= 2
+    return info

@@ -148,14 +148,10 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
     from pipeline.workers import DecodePool, DecodeSpec
     from pipeline.writer import UnitWriter
 
-    if codec.channels != 1:
-        # A stereo-input codec (EnCodec 48 kHz) works at the codec level, but rows here are one channel each and
-        # there is no column for its per-chunk loudness scales.
-        raise ValueError(f"{cfg.codec.pretrained} takes {codec.channels}-channel input; the pipeline runs mono-input "
-                         "codecs only (MusicGen stereo encodes L and R with the mono codec: channels=stereo)")
-    n_channels = 2 if cfg.channels == "stereo" else 1
-    info = codec_info(cfg.codec.pretrained, codec.sample_rate, codec.hop_length, codec.num_codebooks,
-                      codec.cardinality, cfg.channels)
+    # run() checked the channel policy against the codec (encode.check_channels) before anything was written.
+    # A batch row is what one encode call takes: one channel for a mono-input codec, both for a stereo one.
+    rows_per_segment = (2 if cfg.channels == "stereo" else 1) // codec.channels
+    info = codec_info(cfg.codec.pretrained, cfg.codec.family, codec, cfg.channels)
     spec = DecodeSpec(job.source, codec.sample_rate, cfg.channels, cfg.decode.resample_quality,
                       SegmentPolicy.from_config(cfg.segment, codec.sample_rate))
     file_meta = {"pipeline.fingerprint": job.plan.fingerprint,
@@ -166,9 +162,11 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
     remaining = job.plan.n_items - sum(len(job.plan.unit_range(u)) for u in job.layout.done_units())
     return Runner(
         job.plan, job.items, job.layout, codec,
-        DecodePool(spec, cfg.decode.workers, cfg.decode.timeout_s),
+        DecodePool(spec, cfg.decode.workers, cfg.decode.timeout_s,
+                   # two batches' worth of decoded audio may wait for the codec; beyond that workers pause
+                   max_buffered_samples=round(2 * cfg.batch.max_audio_s * codec.sample_rate * 2)),
         Claims(job.layout, cfg.claim_lease_s), writer,
-        BatchPolicy.from_config(cfg.batch, codec.sample_rate, n_channels),
+        BatchPolicy.from_config(cfg.batch, codec.sample_rate, rows_per_segment, codec.channels),
         Progress(max(1, remaining // ranks.world_size), enabled=cfg.progress and ranks.is_main),
         start_unit=ranks.rank * job.plan.n_units // ranks.world_size,
         marker_extra={"fingerprint": job.plan.fingerprint, "codec": info.__dict__, "rank": ranks.rank},

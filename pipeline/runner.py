@@ -65,7 +65,9 @@ class OpenUnit:
             failures.append(failure)
             if failure.stage == "policy":  # the policy dropped the whole item
                 counts.dropped_s += result.dropped_s
-        rows = [r for r in self.rows if r.item.index not in self.encode_failures]
+        # An item that failed after some of its segments streamed out (a NaN block, a cut file) loses them all.
+        failed = {i for i, r in self.results.items() if r.failure is not None} | set(self.encode_failures)
+        rows = [r for r in self.rows if r.item.index not in failed]
         counts.rows = len(rows)
         counts.frames = sum(r.n_frames for r in rows)
         counts.encoded_s = sum(r.duration_s for r in rows)
@@ -114,8 +116,11 @@ class Runner:
     def run(self) -> RankStats:
         while self._stop_signal is None:
             self._feed()
-            for result in self.pool.poll(timeout=0.005 if self.ready else 0.1):
-                self._on_result(result)
+            # With batches waiting, take no more audio: the pool's buffer then fills, workers block, and memory
+            # stays bounded by the batch cap rather than by how fast files decode.
+            if len(self.ready) < 2:
+                for result in self.pool.poll(timeout=0.005 if self.ready else 0.1):
+                    self._on_result(result)
             if self.ready:
                 self._encode(self.ready.popleft())
             self._maybe_flush()
@@ -156,10 +161,11 @@ class Runner:
 
     def _on_result(self, result: DecodeResult) -> None:
         unit = self.open[result.unit]
-        segments, result.segments = result.segments, []  # keep the accounting, not the audio
-        unit.results[result.item.index] = result
-        unit.pending_segments += len(segments)
-        for seg in segments:
+        if result.final:
+            unit.results[result.item.index] = result
+            return
+        unit.pending_segments += len(result.segments)
+        for seg in result.segments:
             batch = self.batcher.add(seg)
             if batch is not None:
                 self.ready.append(batch)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from pipeline.config import SegmentConfig
 from pipeline.types import AudioItem, DecodedAudio, Segment
 
@@ -82,28 +84,65 @@ class SegmentResult:
     dropped_s: float
 
 
+class StreamSegmenter:
+    """Cuts an item into segments as its audio streams in, holding at most one window of it.
+
+    Produces exactly ``SegmentPolicy.spans`` of the whole item (then the ``min_len`` rule): every full window as
+    soon as its last block arrives, the last (partial) one at ``finish``.
+
+    Args:
+        item, unit: what the segments belong to.
+        policy: the segment rules, in samples at ``sample_rate``.
+        sample_rate: rate of the blocks (the codec's).
+        source_sample_rate, source_channels: the item's original format, copied into every segment.
+    """
+
+    def __init__(self, item: AudioItem, unit: int, policy: SegmentPolicy, sample_rate: int,
+                 source_sample_rate: int, source_channels: int):
+        self.item, self.unit, self.policy, self.sample_rate = item, unit, policy, sample_rate
+        self.source = (source_sample_rate, source_channels)
+        self.buf: np.ndarray | None = None  # samples from absolute position ``buf_start`` on
+        self.buf_start = self.total = self.next_start = self.kept_end = 0
+        self.last_end = 0  # end of the last window cut (kept or not)
+        self.n_segments = 0
+        self.closed = False  # clip mode, once its one segment is cut
+
+    def push(self, block: np.ndarray) -> list[Segment]:
+        """Add a ``[C, n]`` block; return the windows it completed."""
+        self.buf = block if self.buf is None else np.concatenate([self.buf, block], axis=1)
+        self.total += block.shape[1]
+        out = []
+        while not self.closed and self.next_start + self.policy.length <= self.total:
+            out += self._cut(self.next_start, self.next_start + self.policy.length)
+        return out
+
+    def finish(self) -> tuple[list[Segment], float]:
+        """The last, partial segment (if the policy keeps one) and the seconds dropped."""
+        out = []
+        if not self.closed and self.next_start < self.total and self.last_end < self.total:
+            out = self._cut(self.next_start, self.total)
+        self.buf = None
+        return out, (self.total - self.kept_end) / self.sample_rate
+
+    def _cut(self, start: int, end: int) -> list[Segment]:
+        chunk = self.buf[:, start - self.buf_start : end - self.buf_start].copy()
+        self.last_end = end
+        if self.policy.kind == "clip":
+            self.closed = True
+        self.next_start = start + self.policy.hop
+        drop = min(self.next_start, self.total) - self.buf_start
+        self.buf, self.buf_start = self.buf[:, drop:], self.buf_start + drop
+        if end - start < self.policy.min_len:
+            return []
+        self.kept_end = end
+        self.n_segments += 1
+        return [Segment(self.item, self.unit, self.n_segments - 1, start / self.sample_rate, chunk,
+                        self.policy.padded_len(end - start), *self.source)]
+
+
 def segment_item(item: AudioItem, unit: int, audio: DecodedAudio, policy: SegmentPolicy) -> SegmentResult:
-    """Cut one decoded item into segments; short tails (and the rest of over-long clips) are dropped and counted."""
-    n = audio.samples.shape[-1]
-    segments: list[Segment] = []
-    kept = 0
-    for start, end in policy.spans(n):
-        if end - start < policy.min_len:
-            continue
-        # Copy: a view would keep the whole decoded file alive for as long as any one segment is queued.
-        chunk = audio.samples[:, start:end].copy()
-        segments.append(
-            Segment(
-                item=item,
-                unit=unit,
-                segment_index=len(segments),
-                start_s=start / audio.sample_rate,
-                audio=chunk,
-                padded_len=policy.padded_len(end - start),
-                source_sample_rate=audio.source_sample_rate,
-                source_channels=audio.source_channels,
-            )
-        )
-        kept = max(kept, end)
-    # Only the last span can be short, so what is dropped is always the tail after the last kept segment.
-    return SegmentResult(segments, dropped_s=(n - kept) / audio.sample_rate)
+    """Cut one whole decoded item into segments; short tails (and over-long clip ends) are dropped and counted."""
+    cutter = StreamSegmenter(item, unit, policy, audio.sample_rate, audio.source_sample_rate, audio.source_channels)
+    segments = cutter.push(audio.samples) if audio.samples.shape[-1] else []
+    tail, dropped_s = cutter.finish()
+    return SegmentResult(segments + tail, dropped_s)

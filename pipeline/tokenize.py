@@ -60,6 +60,7 @@ def run(cfg: RunConfig) -> int:
     import torch
 
     from pipeline.codecs import load_codec
+    from pipeline.encode import check_channels
     from pipeline.prepare import build_stages, looks_finished, prepare
     from pipeline.summary import print_summary
 
@@ -68,6 +69,8 @@ def run(cfg: RunConfig) -> int:
     # Load the codec before anything is written, so a missing checkpoint stops the run with nothing to undo;
     # skipped when the folder is already complete (a rerun of a finished job does no work).
     codec = None if looks_finished(cfg) else load_codec(cfg.codec, torch.device(ranks.device))
+    if codec is not None:  # a channel policy the codec cannot take stops the run before the plan is written too
+        check_channels(codec, cfg.channels)
     job = prepare(cfg, ranks, barrier)
     if job.finished:
         log.info("all %d units are done already; nothing to encode", job.plan.n_units)
@@ -76,6 +79,7 @@ def run(cfg: RunConfig) -> int:
         return 0
     if codec is None:  # finished-looking folder that turned out unfinished (e.g. retry_failed)
         codec = load_codec(cfg.codec, torch.device(ranks.device))
+        check_channels(codec, cfg.channels)
     runner = build_stages(cfg, job, ranks, codec)
     runner.install_signal_handlers()
     try:

@@ -82,7 +82,10 @@ class EncodedSegment:
     """A segment's tokens plus what the output row needs (the audio is dropped here).
 
     Args:
-        codes: int16 ``[K, n_frames]``, trimmed to ``ceil(n_samples / hop)``.
+        codes: int16 ``[K, n_frames]``, trimmed to ``codec.n_frames(n_samples)`` (``ceil(n_samples / hop)``, or
+            the frames of the chunks for a chunked codec).
+        scales: float32 ``[n_chunks]`` loudness scales of a normalising codec (EnCodec 48 kHz), one per chunk that
+            starts inside the segment; decoding at the original level needs them. None for the other codecs.
     """
 
     item: AudioItem
@@ -94,6 +97,7 @@ class EncodedSegment:
     source_sample_rate: int
     source_channels: int
     codes: np.ndarray
+    scales: np.ndarray | None = None
 
     @property
     def n_frames(self) -> int:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the codec half imports torch; structure-only runs never pay
     from pipeline.verify_audio import AudioSetup, SampledRow
 
 _SAMPLE_COLUMNS = ["id", "segment_index", "source", "start_s", "n_samples", "codes"]
+_OPTIONAL_COLUMNS = ["scales"]  # absent from shards written before chunked codecs were supported
 
 
 @dataclass
@@ -235,10 +236,14 @@ def sample_rows(scan: Scan, n: int, seed: int) -> list[SampledRow]:
         by_shard.setdefault(shard, []).append((order, int(pick - bounds[shard])))
     rows: list[tuple[int, SampledRow]] = []
     for shard, wanted in by_shard.items():
-        table = pq.read_table(shards[shard].path, columns=_SAMPLE_COLUMNS).take([i for _, i in wanted])
+        names = pq.read_schema(shards[shard].path).names
+        columns = _SAMPLE_COLUMNS + [c for c in _OPTIONAL_COLUMNS if c in names]
+        table = pq.read_table(shards[shard].path, columns=columns).take([i for _, i in wanted])
         for (order, _), r in zip(wanted, table.to_pylist()):
             codes = np.asarray(r.pop("codes"), dtype=np.int16)
-            rows.append((order, SampledRow(**r, codes=codes)))
+            scales = r.pop("scales", None)
+            rows.append((order, SampledRow(**r, codes=codes,
+                                           scales=None if scales is None else np.asarray(scales, np.float32))))
     return [row for _, row in sorted(rows, key=lambda x: x[0])]
 
 

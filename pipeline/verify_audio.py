@@ -40,6 +40,7 @@ class SampledRow:
     start_s: float
     n_samples: int
     codes: np.ndarray  # int16 [K, T]
+    scales: np.ndarray | None = None  # float32, one per chunk (chunked codecs such as EnCodec 48 kHz)
 
 
 @dataclass
@@ -166,7 +167,12 @@ def _known_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 
 def encode_alone(codec: Codec, segment: np.ndarray, padded_len: int, n_frames: int) -> np.ndarray:
     """Codes of one segment encoded at batch 1: each channel zero-padded to ``padded_len``, encoded on its own,
-    trimmed to ``n_frames`` and interleaved like the pipeline's stereo rows. Returns int16 ``[C*K, n_frames]``."""
+    trimmed to ``n_frames`` and interleaved like the pipeline's stereo rows. Returns int16 ``[C*K, n_frames]``.
+    A stereo-input codec takes both channels in one row, as the pipeline feeds it."""
+    if codec.channels == segment.shape[0]:
+        audio = np.zeros((1, codec.channels, padded_len), dtype=np.float32)
+        audio[0, :, : segment.shape[-1]] = segment
+        return codec.encode(torch.from_numpy(audio).to(codec.device)).cpu().numpy()[0, :, :n_frames].astype(np.int16)
     per_channel = []
     for channel in segment:
         audio = np.zeros((1, 1, padded_len), dtype=np.float32)
@@ -196,8 +202,14 @@ def reencode(codec: Codec, setup: AudioSetup, rows: list[SampledRow]) -> Reencod
     return result
 
 
-def decode_codes(codec: Codec, codes: np.ndarray, channels: int, n_samples: int) -> np.ndarray:
-    """Stored ``[C*K, T]`` codes -> float32 ``[C, n_samples]`` audio (stereo rows are de-interleaved first)."""
+def decode_codes(codec: Codec, codes: np.ndarray, channels: int, n_samples: int,
+                 scales: np.ndarray | None = None) -> np.ndarray:
+    """Stored ``[C*K, T]`` codes -> float32 ``[C, n_samples]`` audio (stereo rows are de-interleaved first; a
+    stereo-input codec decodes ``[K, T]`` with its stored per-chunk scales)."""
+    if codec.channels == channels:
+        batch_scales = None if scales is None else torch.from_numpy(np.asarray(scales, np.float32))[None]
+        audio = codec.decode(torch.from_numpy(codes[None].astype(np.int64)), batch_scales)
+        return audio[0, :, :n_samples].float().cpu().numpy()
     k = codes.shape[0] // channels
     per_channel = codes.reshape(k, channels, -1).transpose(1, 0, 2)  # undo [L0, R0, L1, R1, ...]
     audio = codec.decode(torch.from_numpy(np.ascontiguousarray(per_channel)).long())
@@ -213,7 +225,7 @@ def round_trip(codec: Codec, setup: AudioSetup, row: SampledRow, audio_dir: Path
     import soundfile as sf
 
     reference = setup.segment_audio(row)
-    decoded = decode_codes(codec, row.codes, reference.shape[0], row.n_samples)
+    decoded = decode_codes(codec, row.codes, reference.shape[0], row.n_samples, row.scales)
     stem = f"{index:03d}_{_safe(row.id)}_seg{row.segment_index}"
     audio_dir.mkdir(parents=True, exist_ok=True)
     paths = audio_dir / f"{stem}_decoded.wav", audio_dir / f"{stem}_source.wav"

@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.finalize import CodecInfo
+
 from pipeline.layout import OutputLayout
 from pipeline.plan import Plan, load_plan
 
@@ -37,20 +39,6 @@ class Problem:
         return f"[{self.check}] {self.message}"
 
 
-@dataclass
-class CodecFacts:
-    """What the shards say about their codes (``pipeline.codec`` metadata, the finalize ``CodecInfo``)."""
-
-    pretrained: str
-    sample_rate: int
-    frame_rate: float
-    num_codebooks: int
-    cardinality: int
-    channels: str
-
-    @property
-    def hop(self) -> int:
-        return round(self.sample_rate / self.frame_rate)
 
 
 @dataclass
@@ -72,7 +60,7 @@ class Scan:
     """
 
     plan: Plan | None = None
-    codec: CodecFacts | None = None
+    codec: CodecInfo | None = None
     shards: list[ShardRef] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     usage: np.ndarray | None = None
@@ -142,15 +130,15 @@ def _find_shards(layout: OutputLayout, plan: Plan, scan: Scan) -> list[ShardRef]
     return shards
 
 
-def _codec_facts(shards: list[ShardRef], markers: dict[int, dict], scan: Scan) -> CodecFacts | None:
+def _codec_facts(shards: list[ShardRef], markers: dict[int, dict], scan: Scan) -> CodecInfo | None:
     """From the first shard's metadata (else the first marker); None when no source of truth is left."""
     for ref in shards:
         meta = pq.read_schema(ref.path).metadata or {}
         if CODEC_KEY in meta:
-            return CodecFacts(**json.loads(meta[CODEC_KEY]))
+            return CodecInfo(**json.loads(meta[CODEC_KEY]))
     for marker in markers.values():
         if "codec" in marker:
-            return CodecFacts(**marker["codec"])
+            return CodecInfo(**marker["codec"])
     scan.add("codec", "no shard metadata or marker says which codec made the codes; row checks skipped")
     return None
 
@@ -204,7 +192,7 @@ def _check_rows(scan: Scan, markers: dict[int, dict]) -> None:
         scan.add("duplicate", f"{len(duplicates)} duplicate (id, segment_index) rows, e.g. {duplicates[:_EXAMPLES]}")
 
 
-def _check_shard_rows(ref: ShardRef, codec: CodecFacts, scan: Scan, seen: dict, duplicates: list) -> int:
+def _check_shard_rows(ref: ShardRef, codec: CodecInfo, scan: Scan, seen: dict, duplicates: list) -> int:
     """Stream one shard; returns its total frames."""
     findings: dict[str, list[str]] = {}
     frames = 0
@@ -220,7 +208,8 @@ def _check_shard_rows(ref: ShardRef, codec: CodecFacts, scan: Scan, seen: dict, 
 
 
 _MESSAGES = {
-    "n_frames": "n_frames != ceil(n_samples / hop)",
+    "n_frames": "n_frames differs from the codec's frames for n_samples (ceil(n_samples / hop), or the chunks' "
+                "frames for a chunked codec)",
     "codes_shape": "codes is not [K][n_frames] with K = the codec's num_codebooks",
     "code_range": "codes outside [0, cardinality)",
     "duration": "duration_s * sample_rate != n_samples",
@@ -228,7 +217,7 @@ _MESSAGES = {
 }
 
 
-def _check_batch(batch: pa.RecordBatch, codec: CodecFacts, scan: Scan, findings: dict[str, list[str]]) -> int:
+def _check_batch(batch: pa.RecordBatch, codec: CodecInfo, scan: Scan, findings: dict[str, list[str]]) -> int:
     """Vectorised row invariants of one record batch; failing rows are named ``id#segment_index``."""
     names = [f"{i}#{s}" for i, s in zip(batch.column("id").to_pylist(), batch.column("segment_index").to_pylist())]
     n_samples = batch.column("n_samples").to_numpy(zero_copy_only=False).astype(np.int64)
@@ -238,7 +227,7 @@ def _check_batch(batch: pa.RecordBatch, codec: CodecFacts, scan: Scan, findings:
     k, t, values, books = _codes_layout(batch.column("codes"))
     bad_shape = (k != codec.num_codebooks) | np.array([np.any(row != f) for row, f in zip(t, n_frames)], dtype=bool)
     failures = {
-        "n_frames": n_frames != -(-n_samples // codec.hop),
+        "n_frames": n_frames != codec.n_frames(n_samples),
         "codes_shape": bad_shape,
         "duration": np.abs(duration * codec.sample_rate - n_samples) > 0.5,
         "sample_rate": rate != codec.sample_rate,

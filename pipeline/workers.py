@@ -22,10 +22,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, Callable
 
-from pipeline.audio import AudioError, decode_audio
-from pipeline.segment import SegmentPolicy, segment_item
+from pipeline.audio import AudioError, open_audio
+from pipeline.segment import SegmentPolicy, StreamSegmenter
 from pipeline.sources.base import Source
 from pipeline.types import AudioItem, Failure, Segment
 
@@ -40,7 +40,12 @@ class DecodeTask:
 
 @dataclass(slots=True)
 class DecodeResult:
-    """What became of one item in the worker: segments, or a failure/skip record (never both)."""
+    """What a worker reports about one item.
+
+    An item streams: zero or more partial results (``final=False``) carry its segments as they are cut, then one
+    final result carries the accounting: ``failure`` (then any segments sent before are void), or the decoded
+    duration. A final result never carries segments.
+    """
 
     item: AudioItem
     unit: int
@@ -48,6 +53,7 @@ class DecodeResult:
     failure: Failure | None = None
     audio_s: float = 0.0
     dropped_s: float = 0.0
+    final: bool = True
 
     @property
     def skipped(self) -> bool:
@@ -65,32 +71,54 @@ class DecodeSpec:
     policy: SegmentPolicy
 
 
-def process_item(task: DecodeTask, spec: DecodeSpec) -> DecodeResult:
-    """fetch -> decode -> segment for one item; every exception becomes a Failure naming the stage."""
+Emit = Callable[[DecodeResult], None]
+
+
+def process_item(task: DecodeTask, spec: DecodeSpec, emit: Emit) -> None:
+    """fetch -> stream-decode -> segment one item, emitting segments as they are cut, then the final result.
+
+    Every exception becomes a Failure naming the stage. Memory stays at one decode block plus one window,
+    whatever the file length.
+    """
     item = task.item
     try:
         fetched = spec.source.fetch(item)
     except Exception as e:  # noqa: BLE001 - any fetch error is this item's failure, not the run's
-        return DecodeResult(item, task.unit, failure=_failure(item, "read", "unreadable", e))
+        return emit(DecodeResult(item, task.unit, failure=_failure(item, "read", "unreadable", e)))
     if fetched.metadata:
         item = dataclasses.replace(item, metadata={**item.metadata, **fetched.metadata})
+    stage = "decode"
     try:
-        audio = decode_audio(fetched.data, target_sr=spec.sample_rate, channels=spec.channels,
-                             quality=spec.quality, name=fetched.name)
+        stream = open_audio(fetched.data, target_sr=spec.sample_rate, channels=spec.channels,
+                            quality=spec.quality, name=fetched.name)
+        cutter = StreamSegmenter(item, task.unit, spec.policy, spec.sample_rate, stream.source_sample_rate,
+                                 stream.source_channels)
+        for block in stream.blocks:
+            stage = "segment"
+            _emit_segments(emit, task, cutter.push(block))
+            stage = "decode"
+        stage = "segment"
+        tail, dropped_s = cutter.finish()
+        _emit_segments(emit, task, tail)
     except AudioError as e:
-        return DecodeResult(item, task.unit, failure=_failure(item, "decode", e.reason, e))
-    except Exception as e:  # noqa: BLE001
-        return DecodeResult(item, task.unit, failure=_failure(item, "decode", "error", e))
-    try:
-        cut = segment_item(item, task.unit, audio, spec.policy)
-    except Exception as e:  # noqa: BLE001 - a bug here must cost the item, not kill the worker as a "crash"
-        return DecodeResult(item, task.unit, failure=_failure(item, "segment", "error", e))
-    audio_s = audio.samples.shape[-1] / audio.sample_rate
-    if not cut.segments:
+        return emit(DecodeResult(item, task.unit, failure=_failure(item, "decode", e.reason, e)))
+    except Exception as e:  # noqa: BLE001 - a bug in segmenting must cost the item, not kill the worker
+        return emit(DecodeResult(item, task.unit, failure=_failure(item, stage, "error", e)))
+    audio_s = cutter.total / spec.sample_rate
+    failure = None
+    if not cutter.n_segments:
         reason = f"shorter than segment.min_s ({audio_s:.3f} s)"
         failure = Failure(item.id, item.source, "policy", "too_short", "Skipped", reason)
-        return DecodeResult(item, task.unit, failure=failure, audio_s=audio_s, dropped_s=cut.dropped_s)
-    return DecodeResult(item, task.unit, cut.segments, None, audio_s, cut.dropped_s)
+    emit(DecodeResult(item, task.unit, failure=failure, audio_s=audio_s, dropped_s=dropped_s))
+
+
+def _emit_segments(emit: Emit, task: DecodeTask, segments: list[Segment]) -> None:
+    if segments:
+        emit(DecodeResult(task.item, task.unit, segments, final=False))
+
+
+def _samples(result: DecodeResult) -> int:
+    return sum(seg.audio.size for seg in result.segments)
 
 
 def _failure(item: AudioItem, stage: str, reason: str, error: BaseException) -> Failure:
@@ -141,7 +169,7 @@ def _worker_main(conn: Connection, spec: DecodeSpec) -> None:
         seq, task = msg
         conn.send(("start", seq, None))
         _inject_fault(faults, task.item.source)
-        conn.send(("done", seq, process_item(task, spec)))
+        process_item(task, spec, lambda r: conn.send(("done" if r.final else "part", seq, r)))
 
 
 # Seconds a killed worker may take to die before it is abandoned (see ``DecodePool._kill_overdue``).
@@ -183,14 +211,20 @@ class DecodePool:
         workers: process count; 0 decodes in the calling process (no isolation, for debugging).
         timeout_s: seconds one item may run before its worker is killed and the item failed.
         depth: tasks queued per worker, so a worker never waits for the parent between items.
+        max_buffered_samples: decoded samples (segments not yet taken by ``poll``) past which the collector stops
+            reading pipes, so workers block on send: the caller's pace bounds memory. None = unbounded.
     """
 
     # Workers dying before they say anything, in a row: a broken environment (spawn cannot import the pipeline,
     # a bad interpreter), not a bad file. Respawning would loop forever, so the run stops with the exit code.
     MAX_SILENT_DEATHS = 5
 
-    def __init__(self, spec: DecodeSpec, workers: int, timeout_s: float, depth: int = 2):
+    def __init__(self, spec: DecodeSpec, workers: int, timeout_s: float, depth: int = 2,
+                 max_buffered_samples: int | None = None):
         self.spec, self.n_workers, self.timeout_s, self.depth = spec, workers, timeout_s, depth
+        self.max_buffered_samples = max_buffered_samples
+        self._buffered_samples = 0  # audio samples in parts queued for poll
+        self._finals_queued = 0  # final results queued for poll (items, unlike parts)
         self._ctx = mp.get_context("spawn")  # fork after torch/CUDA init is unsafe
         self._pending: collections.deque[tuple[int, DecodeTask]] = collections.deque()
         self._results: queue.Queue = queue.Queue()
@@ -224,7 +258,7 @@ class DecodePool:
     def outstanding(self) -> int:
         """Tasks submitted whose result has not been returned by ``poll`` yet."""
         with self._lock:
-            return len(self._pending) + sum(len(w.assigned) for w in self._workers) + self._results.qsize()
+            return len(self._pending) + sum(len(w.assigned) for w in self._workers) + self._finals_queued
 
     def poll(self, timeout: float) -> list[DecodeResult]:
         """Dispatch queued tasks and return finished results (waits up to ``timeout`` seconds for the first).
@@ -245,13 +279,25 @@ class DecodePool:
                 out.append(self._results.get_nowait())
         except queue.Empty:
             pass
+        with self._lock:
+            for r in out:
+                self._finals_queued -= r.final
+                self._buffered_samples -= _samples(r)
         return out
+
+    def _put(self, result: DecodeResult) -> None:
+        """Queue a result for ``poll`` (collector thread, under the lock)."""
+        self._finals_queued += result.final
+        self._buffered_samples += _samples(result)
+        self._results.put(result)
 
     def _run_inline(self) -> list[DecodeResult]:
         if not self._pending:
             return []
         _, task = self._pending.popleft()
-        return [process_item(task, self.spec)]
+        out: list[DecodeResult] = []
+        process_item(task, self.spec, out.append)
+        return out
 
     def _dispatch(self) -> None:
         for w in self._workers:
@@ -273,6 +319,8 @@ class DecodePool:
                 self._error = e
 
     def _collect_once(self) -> None:
+        if self._backlogged():
+            return
         with self._lock:
             conns = {w.conn: w for w in self._workers}
         for conn in wait(list(conns), timeout=0.05):
@@ -288,14 +336,29 @@ class DecodePool:
         with self._lock:
             self._kill_overdue()
 
+    def _backlogged(self) -> bool:
+        """Past the buffer budget: pause reading (workers block on send) and stop the hang clocks meanwhile."""
+        with self._lock:
+            if self.max_buffered_samples is None or self._buffered_samples <= self.max_buffered_samples:
+                return False
+        time.sleep(0.01)
+        with self._lock:
+            for w in self._workers:
+                if w.started is not None:
+                    w.started = (w.started[0], w.started[1] + 0.01)
+        return True
+
     def _on_message(self, w: _Worker, kind: str, seq: int, payload: DecodeResult | None) -> None:
         w.spoke, self._silent_deaths = True, 0
-        if kind == "start":
+        if kind in ("start", "part"):
+            # The timeout counts time without progress: a long file streaming segments is not hung.
             w.started = (seq, time.monotonic())
+            if kind == "part":
+                self._put(payload)
             return
         w.started = None
         w.assigned = collections.deque((s, t) for s, t in w.assigned if s != seq)
-        self._results.put(payload)
+        self._put(payload)
 
     def _kill_overdue(self) -> None:
         """SIGKILL a worker whose current item overran the timeout; its EOF then arrives and ``_replace`` runs.
@@ -337,7 +400,7 @@ class DecodePool:
         else:
             err = RuntimeError(f"decoder process {_describe_exit(w.proc.exitcode)}")
             failure = _failure(task.item, "crash", "crash", err)
-        self._results.put(DecodeResult(task.item, task.unit, failure=failure))
+        self._put(DecodeResult(task.item, task.unit, failure=failure))
         w.assigned = collections.deque((s, t) for s, t in w.assigned if s != running)
 
     def _requeue_unstarted(self, w: _Worker) -> None:

@@ -41,6 +41,9 @@ def row_schema(num_codebooks: int) -> pa.Schema:
         pa.field("n_frames", pa.int32()),
         # [K][T]: list of K codebooks, each a list of T codes.
         pa.field("codes", pa.list_(pa.list_(pa.int16())), metadata={"num_codebooks": str(num_codebooks)}),
+        # Per-chunk loudness scales of a normalising codec (EnCodec 48 kHz), needed to decode at the original
+        # level; null for the other codecs. Always present, so every output has one schema whatever the codec.
+        pa.field("scales", pa.list_(pa.float32())),
         pa.field("sample_rate", pa.int32()),
         pa.field("source_sample_rate", pa.int32()),
         pa.field("source_channels", pa.int16()),
@@ -104,6 +107,7 @@ class UnitWriter:
             for name, value in _row(r).items():
                 columns[name].append(value)
         columns["codes"] = codes_array([r.codes for r in rows])
+        columns["scales"] = pa.array([r.scales for r in rows], pa.list_(pa.float32()))
         return pa.Table.from_pydict(columns, schema=self.schema)
 
     def _write_shard(self, unit: int, table: pa.Table) -> None:

@@ -277,15 +277,6 @@ def test_encodec_48khz_scales_restore_the_level(enc48: Codec) -> None:
         enc48.decode(codes, torch.ones(1, 2))
 
 
-def test_pipeline_refuses_a_stereo_input_codec(tmp_path: Path, enc48_dir: Path) -> None:
-    (tmp_path / "data").mkdir()
-    write_audio(tmp_path / "data/a.wav", synth(2.0, 48_000, 2, "music", seed=0), 48_000, "PCM_16")
-    cfg = compose(base_overrides(tmp_path / "data", tmp_path / "out", enc48_dir, "codec.overlapping_chunks=true",
-                                 "decode.workers=0"))
-    with pytest.raises(ValueError, match="mono-input codecs only"):
-        run(cfg)
-
-
 # ----------------------------------------------------------------------------------------------- loading & configs
 
 
