@@ -68,6 +68,7 @@ def fingerprint_detail(cfg: RunConfig, device_kind: str) -> dict[str, Any]:
     import transformers
 
     from pipeline import __version__
+    from pipeline.writer import ROW_SCHEMA_VERSION
 
     on_cpu = device_kind.startswith("cpu")
     codec = {k: v for k, v in asdict(cfg.codec).items() if k not in ("device", "threads")}
@@ -82,7 +83,8 @@ def fingerprint_detail(cfg: RunConfig, device_kind: str) -> dict[str, Any]:
         "channels": cfg.channels,
         "resampler": {"soxr": soxr.__version__, "quality": cfg.decode.resample_quality},
         "decoders": {"libsndfile": soundfile.__libsndfile_version__, "av": av.__version__},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "pipeline": __version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "pipeline": __version__,
+                     "row_schema": ROW_SCHEMA_VERSION},
     }
 
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline.layout import OutputLayout, atomic_write_json
 from pipeline.types import AudioItem, EncodedSegment, Failure
-from pipeline.writer import UnitCounts, UnitWriter, fault_point
+from pipeline.writer import UnitCounts, UnitWriter
 
 log = logging.getLogger(__name__)
 _UNIT_DIR = re.compile(r"^unit-(\d{5})$")
@@ -157,20 +157,12 @@ def merged_counts(a: UnitCounts, b: UnitCounts) -> UnitCounts:
 
 def commit_merged(writer: UnitWriter, unit: int, kept: KeptUnit, rows: list[EncodedSegment],
                   failures: list[Failure], counts: UnitCounts, marker_extra: dict) -> UnitCounts:
-    """``UnitWriter.commit`` for a reopened unit: kept rows + new rows, then the failure log and the marker (the
-    same order and the same atomic writes), then the stash goes. Returns the unit's merged counts.
-
-    It uses the writer's table, shard and log steps directly; a ``kept`` argument on ``UnitWriter.commit`` would
-    make this a one-line call.
-    """
-    new = writer._table(sorted(rows, key=lambda r: (r.item.index, r.segment_index)))
-    table = _in_row_order(pa.concat_tables([kept.table.cast(writer.schema), new]), kept.order)
-    writer._write_shard(unit, table)
-    fault_point("after_rename")
-    writer._write_failures(unit, sorted(kept.failures + failures, key=lambda f: kept.order[f.item_id]))
+    """``UnitWriter.commit`` for a reopened unit: kept rows + new rows, in row order, through the same commit
+    protocol; then the stash goes. Returns the unit's merged counts."""
+    table = _in_row_order(pa.concat_tables([kept.table.cast(writer.schema), writer.rows_table(rows)]), kept.order)
     total = merged_counts(kept.counts, counts)
-    atomic_write_json(writer.layout.marker(unit), {"unit": unit, "counts": asdict(total), **marker_extra},
-                      writer.layout.tmp)
+    failures = sorted(kept.failures + failures, key=lambda f: kept.order[f.item_id])
+    writer.commit_table(unit, table, failures, total, marker_extra)
     shutil.rmtree(stash_dir(writer.layout, unit), ignore_errors=True)
     return total
 

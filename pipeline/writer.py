@@ -29,6 +29,11 @@ LIST_FIELDS = ("moods", "keywords")
 FLOAT_FIELDS = ("bpm",)
 
 
+# Bumped whenever the columns change (2: ``scales``); part of the fingerprint, so a folder is never resumed into
+# shards of two schemas.
+ROW_SCHEMA_VERSION = 2
+
+
 def row_schema(num_codebooks: int) -> pa.Schema:
     """The output row schema (see README "Output schema")."""
     fields = [
@@ -93,15 +98,21 @@ class UnitWriter:
 
     def commit(self, unit: int, rows: list[EncodedSegment], failures: list[Failure], counts: UnitCounts,
                marker_extra: dict[str, Any]) -> None:
-        """Write the unit's shard, failure log and marker, in that order."""
-        rows = sorted(rows, key=lambda r: (r.item.index, r.segment_index))
-        self._write_shard(unit, self._table(rows))
+        """Write the unit's rows (in item, segment order), failure log and marker."""
+        self.commit_table(unit, self.rows_table(rows), failures, counts, marker_extra)
+
+    def commit_table(self, unit: int, table: pa.Table, failures: list[Failure], counts: UnitCounts,
+                     marker_extra: dict[str, Any]) -> None:
+        """The commit protocol for a ready table: shard, then failure log, then the marker, last."""
+        self._write_shard(unit, table)
         fault_point("after_rename")
         self._write_failures(unit, failures)
         atomic_write_json(self.layout.marker(unit), {"unit": unit, "counts": asdict(counts), **marker_extra},
                           self.layout.tmp)
 
-    def _table(self, rows: list[EncodedSegment]) -> pa.Table:
+    def rows_table(self, rows: list[EncodedSegment]) -> pa.Table:
+        """Rows -> a table of the shard schema, sorted by (item index, segment index)."""
+        rows = sorted(rows, key=lambda r: (r.item.index, r.segment_index))
         columns: dict[str, Any] = {name: [] for name in self.schema.names}
         for r in rows:
             for name, value in _row(r).items():

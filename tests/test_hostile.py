@@ -298,7 +298,7 @@ def test_retry_failed_redoes_only_failed_items(tmp_path, tiny_codec_dir, monkeyp
 def test_retry_interrupted_after_shard_rename_finishes_on_rerun(tmp_path, tiny_codec_dir, monkeypatch):
     """A retry that dies between the merged shard and its marker is finished by the next run, from the stash,
     even without ``retry_failed`` (the shard it replaced is gone from data/ by then)."""
-    import pipeline.retry
+    import pipeline.writer
 
     data, out = _retry_corpus(tmp_path / "data"), tmp_path / "out"
     overrides = base_overrides(data, out, tiny_codec_dir, *FAST)
@@ -310,9 +310,10 @@ def test_retry_interrupted_after_shard_rename_finishes_on_rerun(tmp_path, tiny_c
         pass
 
     def die(name: str) -> None:
-        raise Crash(name)
+        if name == "after_rename":
+            raise Crash(name)
 
-    monkeypatch.setattr(pipeline.retry, "fault_point", die)
+    monkeypatch.setattr(pipeline.writer, "fault_point", die)
     with pytest.raises(Crash):
         run(compose([*overrides, "output.retry_failed=true"]))
     monkeypatch.undo()
