@@ -14,6 +14,7 @@ Heavy imports happen before each stage's clock starts, so all stages are timed f
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -46,7 +47,7 @@ def naive(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.time()
     processor = AutoProcessor.from_pretrained(spec["naive_codec_dir"])
     model = EncodecModel.from_pretrained(spec["naive_codec_dir"]).to(device).eval()
-    loaded = time.time()
+    loaded, cpu0 = time.time(), _cpu()
     sr_out, frames, audio_s = processor.sampling_rate, 0, 0.0
     for path in spec["files"]:
         data, sr = sf.read(path, dtype="float32", always_2d=True)
@@ -57,7 +58,8 @@ def naive(spec: dict[str, Any]) -> dict[str, Any]:
         frames += out.audio_codes.cpu().shape[-1]
         audio_s += data.shape[0] / sr
     end = time.time()
-    return {"start": start, "end": end, "setup_s": loaded - start, "work_s": end - loaded, "audio_s": audio_s,
+    return {"start": start, "end": end, "setup_s": loaded - start, "work_s": end - loaded,
+            "work_cpu_s": _cpu() - cpu0, "audio_s": audio_s,
             "frames": frames, "threads": torch.get_num_threads(), **_gpu_memory(device)}
 
 
@@ -81,15 +83,16 @@ def codec(spec: dict[str, Any]) -> dict[str, Any]:
     warm_s = time.time() - warm_start
     _reset_gpu_peak(device)
     _barrier(world)  # ranks start the clock together, after every one has loaded, decoded and warmed up
-    t0 = time.time()
+    t0, cpu0 = time.time(), _cpu()
     for batch in batches:
         _encode(model, batch, device)
-    end = time.time()
+    end, work_cpu = time.time(), _cpu() - cpu0
     _barrier(world, last=True)
     seg_s = sum(s.n_samples for b in batches for s in b.segments) / model.sample_rate
     padded_s = sum(b.rows * b.padded_len for b in batches) / model.sample_rate
     return {"start": t0, "end": end, "setup_s": loaded - start, "predecode_s": decoded - loaded,
             "warmup_s": warm_s, "export_s": getattr(model, "export_seconds", 0.0), "work_s": end - t0,
+            "work_cpu_s": work_cpu,
             "batches": len(batches), "shapes": sorted({f"{b.rows}x{b.padded_len}" for b in batches}),
             "segment_audio_s": seg_s, "padded_audio_s": padded_s, "threads": torch.get_num_threads(),
             "fingerprint": model.fingerprint(), **_gpu_memory(device)}
@@ -106,9 +109,15 @@ def _batches(cfg: RunConfig, model) -> list:
     spec = DecodeSpec(source, model.sample_rate, cfg.channels, cfg.decode.resample_quality,
                       SegmentPolicy.from_config(cfg.segment, model.sample_rate))
     batcher = Batcher(BatchPolicy.from_config(cfg.batch, model.sample_rate, 2 if cfg.channels == "stereo" else 1))
+    streaming = "emit" in inspect.signature(process_item).parameters  # workers that emit segments as cut
     batches = []
     for item in source.list_items():
-        for seg in process_item(DecodeTask(item, 0), spec).segments:
+        results: list = []
+        if streaming:
+            process_item(DecodeTask(item, 0), spec, results.append)
+        else:
+            results.append(process_item(DecodeTask(item, 0), spec))
+        for seg in (seg for r in results for seg in r.segments):
             if (batch := batcher.add(seg)) is not None:
                 batches.append(batch)
     return batches + batcher.flush()
@@ -130,12 +139,22 @@ def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     from pipeline.tokenize import run
 
     cfg = compose(spec["overrides"])
-    start = time.time()
+    start, cpu0 = time.time(), _cpu()
     code = run(cfg)
-    end = time.time()
+    end, work_cpu = time.time(), _cpu() - cpu0  # decode workers are reaped by then, so they are counted
     device = torch.device("cuda" if cfg.codec.device.startswith("cuda") or
                           (cfg.codec.device == "auto" and torch.cuda.is_available()) else "cpu")
-    return {"start": start, "end": end, "exit_code": code, "threads": torch.get_num_threads(), **_gpu_memory(device)}
+    return {"start": start, "end": end, "work_cpu_s": work_cpu, "exit_code": code, "threads": torch.get_num_threads(),
+            **_gpu_memory(device)}
+
+
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process's threads and of its reaped children. On a busy machine wall
+    time stretches with the load, CPU time much less (with one thread per process): a second opinion."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def _rank() -> tuple[int, int]:
