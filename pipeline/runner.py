@@ -92,7 +92,7 @@ class Runner:
 
     def __init__(self, plan: Plan, items: list[AudioItem], layout: OutputLayout, codec: Codec, pool: DecodePool,
                  claims: Claims, writer: UnitWriter, batch_policy: BatchPolicy, progress: Progress,
-                 start_unit: int = 0, marker_extra: dict | None = None, max_waiting_units: int = 2):
+                 start_unit: int = 0, marker_extra: dict | None = None, max_waiting_units: int = 4):
         self.plan, self.items, self.layout, self.codec = plan, items, layout, codec
         self.pool, self.claims, self.writer, self.progress = pool, claims, writer, progress
         self.batcher = Batcher(batch_policy)
@@ -135,6 +135,10 @@ class Runner:
         target = max(2, 2 * self.pool.n_workers + 2)
         while self.pool.outstanding < target:
             unit = next((u for u in self.open.values() if u.submitted < len(u.items)), None)
+            if unit is None and self.open and self.pool.outstanding >= self.pool.depth:
+                # Claim the next unit only when this one is nearly decoded: claiming ahead to fill every queue
+                # let the first rank up take most units of a small job while the others idled (measured).
+                return
             if unit is None:
                 unit = self._claim()
                 if unit is None:
@@ -190,6 +194,12 @@ class Runner:
 
     def _maybe_flush(self) -> None:
         """Encode partial batches when units would otherwise wait on them for too long."""
+        if self.ready:
+            return
+        # Results that arrived during the last encode may fill the open batches: look before flushing (flushing
+        # right after a long encode wasted up to a third of the codec's time on zero rows, measured).
+        for result in self.pool.poll(timeout=0):
+            self._on_result(result)
         if self.ready:
             return
         waiting = [u for u in self.open.values() if len(u.results) == len(u.items) and u.pending_segments]
