@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     codec_dir = resolve_codec(args.codec)
     t0 = time.time()
+    shutil.rmtree(work / "audio", ignore_errors=True)  # a reused --work must not leave other files in the corpus
     files = make_corpus(work / "audio", args.minutes, args.min_s, args.max_s)
     corpus = {"files": len(files), "audio_s": audio_seconds(files), "sample_rate": 44100, "channels": 2,
               "formats": sorted({p.suffix[1:] for p in files}), "generate_s": round(time.time() - t0, 1)}
@@ -213,8 +214,7 @@ def merge_ranks(ranks: list[dict[str, Any]]) -> dict[str, Any]:
         if key in merged:
             merged[key] = max(r[key] for r in ranks)
     if len(ranks) > 1:
-        merged["rank_spans_s"] = [round(r["end"] - r["start"], 2) for r in ranks]
-    merged.pop("fingerprint", None) if len(ranks) > 1 else None
+        merged["rank_spans_s"] = [round(r["end"] - r["start"], 2) for r in ranks]  # unequal: ranks waited
     return merged
 
 
@@ -308,6 +308,8 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 def memory_checks(args: argparse.Namespace, work: Path, files: list[Path], codec_dir: str) -> list[dict[str, Any]]:
     """Peak memory of the pipeline on: the corpus; one ``--long-minutes`` file; the corpus ``--scale`` times; the
     corpus with a quarter of the batch cap. Bounded memory means the first three agree and the last is lower."""
+    for folder in ("long", "big"):
+        shutil.rmtree(work / folder, ignore_errors=True)
     long_file = make_long_file(work / "long", args.long_minutes)
     big = replicate(files, work / "big", args.scale)
     cap = args.max_audio_s if args.max_audio_s is not None else _config_cap()
@@ -359,7 +361,8 @@ def report(result: dict[str, Any]) -> str:
                      f"marginal, codes column {s['codes_bits_per_token']:.2f} ({s['codes_data_bits_per_token']:.2f} "
                      f"without its dictionary pages); codes' unigram entropy {s['unigram_entropy_bits']}")
     for name, t in result.get("targets", {}).items():
-        lines.append(f"target {name}: {'n/a' if t is None else ('met' if t['met'] else 'MISSED') + ' (' + str(t['value']) + ')'}")
+        verdict = "n/a" if t is None else f"{'met' if t['met'] else 'MISSED'} ({t['value']})"
+        lines.append(f"target {name}: {verdict}")
     return "\n".join(lines)
 
 

@@ -79,6 +79,16 @@ class OutputLayout:
         return {int(name[5:10]) for name in os.listdir(self.done) if name.startswith("unit-") and name.endswith(".json")}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; output is shared data, so give it the mode a plain open() would (0666 & ~umask).
+FILE_MODE = 0o666 & ~_umask()
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable (POSIX: the directory entry is data of the directory)."""
     fd = os.open(path, os.O_RDONLY)
@@ -95,6 +105,7 @@ def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None) -> 
     """
     tmp_dir = tmp_dir or path.parent
     fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -73,6 +73,10 @@ def fingerprint_detail(cfg: RunConfig, device_kind: str) -> dict[str, Any]:
     on_cpu = device_kind.startswith("cpu")
     codec = {k: v for k, v in asdict(cfg.codec).items() if k not in ("device", "threads")}
     codec["tf32"] = cfg.codec.tf32 and not on_cpu  # TF32 does not exist on CPU
+    if cfg.codec.backend == "onnx":  # another runtime version may compute the encoder differently
+        from importlib.metadata import version
+
+        codec["onnxruntime"] = version("onnxruntime")
     return {
         "codec": codec,
         "device_kind": device_kind,

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.layout import OutputLayout, atomic_write_bytes, atomic_write_json, fsync_dir
+from pipeline.layout import FILE_MODE, OutputLayout, atomic_write_bytes, atomic_write_json, fsync_dir
 from pipeline.types import EncodedSegment, Failure
 
 # MusicGen / audiocraft ``MusicInfo`` fields get typed columns of their own; every other metadata field goes into
@@ -124,6 +124,7 @@ class UnitWriter:
     def _write_shard(self, unit: int, table: pa.Table) -> None:
         final = self.layout.shard(unit, self.n_units)
         fd, tmp = tempfile.mkstemp(dir=self.layout.tmp, prefix=f"unit-{unit:05d}.", suffix=".parquet")
+        os.fchmod(fd, FILE_MODE)
         os.close(fd)
         try:
             # Dictionary encoding packs 2048-entry codes into 11-bit indices before zstd.

@@ -3,8 +3,9 @@
 Why this shape of backend (measured on the ``full`` fixture, the exact ``facebook/encodec_32khz`` architecture,
 torch 2.13 CPU, onnxruntime 1.32, BENCHMARKS.md):
 
-- ONNX Runtime runs the exported encoder 1.6-1.8x faster than PyTorch on one CPU thread, and its output differs
-  by ~1e-7, which left every code identical in our checks (tests/test_onnx_backend.py).
+- ONNX Runtime runs the exported encoder 1.5x (one 30 s row) to 1.7x (2-4 rows) faster than PyTorch on one CPU
+  thread, and its output differs by ~1e-7, which left every code identical in our checks on the full
+  architecture (tests/test_onnx_backend.py).
 - Exporting the RVQ into the graph as well flips codes (3 of 8000 on the tiny fixture): ORT's MatMul rounds the
   ``x.e`` distances differently. So the RVQ runs here, in torch IEEE fp32, on the graph's output, exactly as the
   torch backend runs it, and the codes stay identical.
