@@ -14,7 +14,6 @@ Heavy imports happen before each stage's clock starts, so all stages are timed f
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -108,15 +107,13 @@ def _batches(cfg: RunConfig, model) -> list:
     source = build_source(cfg.dataset)
     spec = DecodeSpec(source, model.sample_rate, cfg.channels, cfg.decode.resample_quality,
                       SegmentPolicy.from_config(cfg.segment, model.sample_rate))
-    batcher = Batcher(BatchPolicy.from_config(cfg.batch, model.sample_rate, 2 if cfg.channels == "stereo" else 1))
-    streaming = "emit" in inspect.signature(process_item).parameters  # workers that emit segments as cut
+    # As build_stages: a row is one channel for a mono-input codec, both channels for a stereo-input one.
+    rows_per_segment = (2 if cfg.channels == "stereo" else 1) // model.channels
+    batcher = Batcher(BatchPolicy.from_config(cfg.batch, model.sample_rate, rows_per_segment, model.channels))
     batches = []
     for item in source.list_items():
         results: list = []
-        if streaming:
-            process_item(DecodeTask(item, 0), spec, results.append)
-        else:
-            results.append(process_item(DecodeTask(item, 0), spec))
+        process_item(DecodeTask(item, 0), spec, results.append)
         for seg in (seg for r in results for seg in r.segments):
             if (batch := batcher.add(seg)) is not None:
                 batches.append(batch)

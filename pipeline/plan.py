@@ -100,10 +100,11 @@ def device_kind(device_type: str, cuda_name: str | None = None) -> str:
     """``cuda:<GPU name>`` or ``cpu:<CPU model>``: the kernels that run differ between them."""
     if device_type == "cuda":
         return f"cuda:{cuda_name}"
-    return f"cpu:{_cpu_model()}"
+    return f"cpu:{cpu_model()}"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for fingerprints and benchmark records."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import platform
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +28,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from pipeline.codecs import FAMILIES
 from pipeline.codecs.base import Codec
+from pipeline.plan import device_kind as _kind_of
 from pipeline.config import CodecConfig
 
 log = logging.getLogger(__name__)
@@ -319,13 +319,6 @@ def weights_sha256(model: torch.nn.Module) -> str:
 def device_kind(device: torch.device) -> str:
     """``cuda:<GPU name>`` or ``cpu:<CPU model>``: different hardware may round differently."""
     if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{_cpu_model()}"
+        return _kind_of("cuda", torch.cuda.get_device_name(device))
+    return _kind_of("cpu")
 
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
