@@ -29,8 +29,10 @@ def music(seconds: float, seed: int, sr: int = SOURCE_RATE, channels: int = 2) -
     return np.concatenate(pieces, axis=1)[:, :n] if pieces else np.zeros((channels, 0), np.float32)
 
 
-def make_corpus(root: Path, minutes: float, min_s: float = 10.0, max_s: float = 60.0, seed: int = 0) -> list[Path]:
-    """Files of ``min_s..max_s`` seconds (uniform, seeded) until ``minutes`` of audio; FLAC and WAV alternate.
+def make_corpus(root: Path, minutes: float, min_s: float = 10.0, max_s: float = 60.0, seed: int = 0,
+                fmt: str | None = None) -> list[Path]:
+    """Files of ``min_s..max_s`` seconds (uniform, seeded) until ``minutes`` of audio; FLAC and WAV alternate
+    unless ``fmt="flac"`` (all FLAC).
 
     Args:
         root: folder to write into (created).
@@ -47,7 +49,7 @@ def make_corpus(root: Path, minutes: float, min_s: float = 10.0, max_s: float = 
     while total > 1e-6:
         seconds = float(rng.uniform(min_s, max_s))
         seconds = max(min_s, min(seconds, total))
-        suffix, subtype = (".flac", "PCM_16") if i % 2 == 0 else (".wav", "PCM_16")
+        suffix, subtype = (".flac", "PCM_16") if i % 2 == 0 or fmt == "flac" else (".wav", "PCM_16")
         paths.append(write_audio(root / f"track-{i:04d}{suffix}", music(seconds, seed + i), SOURCE_RATE, subtype))
         total -= seconds
         i += 1

@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=4.0, help="audio to generate, in minutes (default 4)")
     p.add_argument("--min-s", type=float, default=10.0, help="shortest file, seconds")
     p.add_argument("--max-s", type=float, default=60.0, help="longest file, seconds")
+    p.add_argument("--format", default="mixed", choices=("mixed", "flac"),
+                   help="mixed: FLAC and WAV alternate (default); flac: every file FLAC (the GPU target's input)")
+    p.add_argument("--copies", type=int, default=1,
+                   help="the dataset is this many hard-linked copies of the generated files (a large dataset "
+                        "without generating it; the codec stage encodes the distinct files' batches this many times)")
     p.add_argument("--codec", default="full",
                    help="full | tiny (fixture codecs: full has facebook/encodec_32khz's architecture and cost) or a "
                         "save_pretrained directory / hub id (default full)")
@@ -68,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "dataset, and a quarter of the batch cap")
     p.add_argument("--long-minutes", type=float, default=12.0, help="--memory: length of the long file")
     p.add_argument("--scale", type=int, default=10, help="--memory: the larger dataset is this many copies")
+    p.add_argument("--no-storage", action="store_true", help="skip the bits-per-token breakdown (reads every code)")
     p.add_argument("--out", default=None, help="results JSON (default out/benchmarks/<time>.json)")
     p.add_argument("--work", default=None, help="keep generated audio and outputs here (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=7200.0, help="seconds one stage may run")
@@ -99,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     codec_dir = resolve_codec(args.codec)
     t0 = time.time()
-    shutil.rmtree(work / "audio", ignore_errors=True)  # a reused --work must not leave other files in the corpus
-    files = make_corpus(work / "audio", args.minutes, args.min_s, args.max_s)
+    files = build_corpus(args, work)
     corpus = {"files": len(files), "audio_s": audio_seconds(files), "sample_rate": 44100, "channels": 2,
-              "formats": sorted({p.suffix[1:] for p in files}), "generate_s": round(time.time() - t0, 1)}
+              "formats": sorted({p.suffix[1:] for p in files}), "copies": args.copies,
+              "generate_s": round(time.time() - t0, 1)}
     result: dict[str, Any] = {"command": [sys.executable, "-m", "benchmarks.run", *sys.argv[1:]],
                               "machine": machine(), "codec": str(codec_dir), "corpus": corpus,
                               "overrides": overrides(args, work / "audio", codec_dir, work / "tokens"),
@@ -114,13 +120,34 @@ def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             result["ok"] &= record["returncode"] == 0
     result["stages"] = best_per_stage(result["runs"])
     result["ratios"] = ratios(result["stages"])
-    if "pipeline" in result["stages"] and result["ok"]:
+    if "pipeline" in result["stages"] and result["ok"] and not args.no_storage:
         result["storage"] = storage(work / "tokens")
     result["targets"] = targets(result)
     if args.memory:
         result["memory"] = memory_checks(args, work, files, codec_dir)
         result["ok"] &= all(case["returncode"] == 0 for case in result["memory"])
     return result
+
+
+def build_corpus(args: argparse.Namespace, work: Path) -> list[Path]:
+    """The dataset folder ``work/audio``: generated files, or ``--copies`` hard-linked copies of the generated files
+    in ``work/distinct``. A ``--work`` folder that already holds the same corpus (same parameters) is reused."""
+    params = {"minutes": args.minutes, "min_s": args.min_s, "max_s": args.max_s, "format": args.format,
+              "copies": args.copies, "version": 1}
+    stamp = work / "audio.corpus.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("params") == params:
+        return [Path(f) for f in json.loads(stamp.read_text())["files"]]
+    stamp.unlink(missing_ok=True)
+    for folder in ("audio", "distinct"):
+        shutil.rmtree(work / folder, ignore_errors=True)  # a reused --work must not leave other files in the corpus
+    fmt = "flac" if args.format == "flac" else None
+    if args.copies == 1:
+        files = make_corpus(work / "audio", args.minutes, args.min_s, args.max_s, fmt=fmt)
+    else:
+        files = replicate(make_corpus(work / "distinct", args.minutes, args.min_s, args.max_s, fmt=fmt),
+                          work / "audio", args.copies)
+    stamp.write_text(json.dumps({"params": params, "files": [str(f) for f in files]}))
+    return files
 
 
 def resolve_codec(name: str) -> str:
@@ -169,7 +196,12 @@ def measure_stage(stage: str, args: argparse.Namespace, work: Path, files: list[
     shutil.rmtree(out, ignore_errors=True)
     spec = {"device": args.device, "files": [str(f) for f in files], "naive_threads": args.naive_threads,
             "naive_codec_dir": naive_codec_dir(codec_dir, work) if stage == "naive" else None,
-            "overrides": [*overrides(args, data, codec_dir, out), *extra]}
+            "overrides": [*overrides(args, data, codec_dir, out), *extra], "repeat": 1}
+    if stage == "codec" and getattr(args, "copies", 1) > 1 and data == work / "audio":
+        # Decoding every copy beforehand in one process would take longer than the whole pipeline run: decode the
+        # distinct files and encode their batches once per copy (same batches, same cost).
+        spec["overrides"].append(f"dataset.path={work / 'distinct'}")
+        spec["repeat"] = args.copies
     spec_path, result_path = work / f"{label}.spec.json", work / f"{label}.result.json"
     spec_path.write_text(json.dumps(spec))
     for stale in work.glob(f"{label}.result*.json"):

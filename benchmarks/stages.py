@@ -74,7 +74,7 @@ def codec(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.time()
     model = load_codec(cfg.codec, device)
     loaded = time.time()
-    batches = _batches(cfg, model)[rank::world]
+    batches = _batches(cfg, model, spec.get("repeat", 1))[rank::world]
     decoded = time.time()
     warm_start = time.time()
     for shape in sorted({(b.rows, b.padded_len) for b in batches}):
@@ -97,8 +97,12 @@ def codec(spec: dict[str, Any]) -> dict[str, Any]:
             "fingerprint": model.fingerprint(), **_gpu_memory(device)}
 
 
-def _batches(cfg: RunConfig, model) -> list:
-    """The batches the pipeline makes of this dataset: same decode, segment and batch code, run in memory."""
+def _batches(cfg: RunConfig, model, repeat: int = 1) -> list:
+    """The batches the pipeline makes of this dataset: same decode, segment and batch code, run in memory.
+
+    ``repeat``: the dataset is that many copies of these files; their segments are batched as the pipeline batches
+    the copies (full batches throughout, one partial batch per bucket at the end), not as one copy's batches
+    repeated (a partial batch per copy)."""
     from pipeline.batching import Batcher, BatchPolicy
     from pipeline.segment import SegmentPolicy
     from pipeline.sources import build_source
@@ -110,13 +114,15 @@ def _batches(cfg: RunConfig, model) -> list:
     # As build_stages: a row is one channel for a mono-input codec, both channels for a stereo-input one.
     rows_per_segment = (2 if cfg.channels == "stereo" else 1) // model.channels
     batcher = Batcher(BatchPolicy.from_config(cfg.batch, model.sample_rate, rows_per_segment, model.channels))
-    batches = []
+    segments = []
     for item in source.list_items():
         results: list = []
         process_item(DecodeTask(item, 0), spec, results.append)
-        for seg in (seg for r in results for seg in r.segments):
-            if (batch := batcher.add(seg)) is not None:
-                batches.append(batch)
+        segments += [seg for r in results for seg in r.segments]
+    batches = []
+    for seg in segments * repeat:  # the same arrays, referenced again: no extra memory
+        if (batch := batcher.add(seg)) is not None:
+            batches.append(batch)
     return batches + batcher.flush()
 
 

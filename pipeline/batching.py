@@ -68,13 +68,21 @@ class Batch:
 
         With one channel per row each segment's channels are consecutive rows; otherwise each segment is one row.
         """
-        out = np.zeros((self.rows, self.row_channels, self.padded_len), dtype=np.float32)
+        out = np.empty((self.rows, self.row_channels, self.padded_len), dtype=np.float32)
+        self.fill(out)
+        return out
+
+    def fill(self, out: np.ndarray) -> None:
+        """Write the batch into ``out`` (``[rows, row_channels, padded_len]`` float32, e.g. pinned memory), padding
+        included: every element is written, so ``out`` may come uninitialised."""
         row = 0
         for seg in self.segments:
             for audio in self._rows_of(seg):
-                out[row, :, : audio.shape[-1]] = audio
+                n = audio.shape[-1]
+                out[row, :, :n] = audio
+                out[row, :, n:] = 0.0
                 row += 1
-        return out
+        out[row:] = 0.0
 
     def _rows_of(self, seg: Segment) -> list[np.ndarray]:
         """The segment's rows, each ``[row_channels, n]``."""

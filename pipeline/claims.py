@@ -1,15 +1,18 @@
 """Unit claims: how ranks (and independent launches) share units with no collective.
 
-A claim is a file ``.state/claims/unit-NNNNN`` created with ``O_CREAT | O_EXCL`` (atomic on POSIX and NFSv3+),
-holding its owner. The owner refreshes its mtime while it works (a heartbeat). A claim is stale, and may be
-taken over, when its owner is a dead process on this host, or when its heartbeat is older than the lease
-(owner on another host, e.g. a preempted node). So claims of dead runs never block a new run for long, and a
-rerun on the same host takes them over at once.
+A claim is a small object ``.state/claims/unit-NNNNN`` holding its owner, created only if absent (the store's
+atomic create: ``O_EXCL`` on a filesystem, ``If-None-Match: *`` on S3). The owner keeps it fresh while it works
+(a heartbeat: the file's mtime; on S3, a rewrite of the object whose ``LastModified`` the server sets). A claim
+is stale, and may be taken over, when its owner is a dead process on this host, or when its heartbeat is older
+than the lease (owner on another host, e.g. a preempted node). The takeover is race-free between two takers
+(a rename that only one wins; on S3 an ``If-Match`` on the stale object's ETag that only one matches). So claims
+of dead runs never block a new run for long, and a rerun on the same host takes them over at once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -20,6 +23,9 @@ from dataclasses import asdict, dataclass
 import psutil
 
 from pipeline.layout import OutputLayout
+from pipeline.stores import Lease
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,12 @@ class Owner:
     def me() -> "Owner":
         return Owner(socket.gethostname(), os.getpid(), psutil.Process().create_time(), uuid.uuid4().hex)
 
+    @staticmethod
+    def parse(data: bytes) -> "Owner":
+        """Raises ValueError, TypeError or KeyError on a record that is not (yet) whole."""
+        record = json.loads(data)
+        return Owner(record["host"], record["pid"], record["started"], record["token"])
+
     def is_dead_here(self) -> bool:
         """True when the owner ran on this host and that process is gone."""
         if self.host != socket.gethostname():
@@ -45,18 +57,21 @@ class Owner:
             return True
 
 
+def judge(lease: Lease | None, lease_s: float) -> str:
+    """``none``, ``live`` or ``stale`` for a claim as read back."""
+    if lease is None:
+        return "none"
+    try:
+        owner = Owner.parse(lease.data)
+    except (ValueError, TypeError, KeyError):
+        # Caught half-written by its creator: live unless it stays like this past the lease.
+        return "stale" if lease.age_s > lease_s else "live"
+    return "stale" if owner.is_dead_here() or lease.age_s > lease_s else "live"
+
+
 def claim_state(layout: OutputLayout, unit: int, lease_s: float) -> str:
     """``none``, ``live`` or ``stale`` for one unit's claim."""
-    path = layout.claim(unit)
-    try:
-        age = time.time() - path.stat().st_mtime
-        owner = Owner(**json.loads(path.read_text()))
-    except FileNotFoundError:
-        return "none"
-    except (json.JSONDecodeError, TypeError):
-        # Caught half-written by its creator: live unless it stays like this past the lease.
-        return "stale" if age > lease_s else "live"
-    return "stale" if owner.is_dead_here() or age > lease_s else "live"
+    return judge(layout.store.read_lease(layout.claim(unit)), lease_s)
 
 
 class Claims:
@@ -68,9 +83,12 @@ class Claims:
     """
 
     def __init__(self, layout: OutputLayout, lease_s: float):
-        self.layout, self.lease_s = layout, lease_s
+        self.layout, self.store, self.lease_s = layout, layout.store, lease_s
         self.owner = Owner.me()
         self.held: set[int] = set()
+        # A release must not interleave with a heartbeat of the same claim (on S3 the heartbeat changes the
+        # ETag the conditional delete needs).
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
         self._thread.start()
@@ -84,47 +102,53 @@ class Claims:
             if self._create(unit):
                 return unit
         for unit in todo:
-            if self._is_stale(unit) and self._take_over(unit):
+            lease = self.store.read_lease(self.layout.claim(unit))
+            if judge(lease, self.lease_s) == "stale" and self._take_over(unit, lease):
                 return unit
         return None
 
+    def _record(self) -> bytes:
+        """The claim's content: its owner, and when it was written (for people; staleness uses the store's
+        clock)."""
+        return json.dumps({**asdict(self.owner), "heartbeat": time.time()}).encode()
+
     def _create(self, unit: int) -> bool:
-        try:
-            fd = os.open(self.layout.claim(unit), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        if not self.store.create_exclusive(self.layout.claim(unit), self._record()):
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self.owner), f)
-        if self.layout.marker(unit).exists():  # finished by someone between our listing and our claim
-            os.unlink(self.layout.claim(unit))
+        return self._keep(unit)
+
+    def _take_over(self, unit: int, stale: Lease) -> bool:
+        if not self.store.take_over(self.layout.claim(unit), self._record(), stale):
+            return False
+        log.info("took over the stale claim of unit %d", unit)
+        return self._keep(unit)
+
+    def _keep(self, unit: int) -> bool:
+        """Hold a unit just claimed, unless someone finished it between our listing and our claim."""
+        if self.store.exists(self.layout.marker(unit)):
+            self.store.release_lease(self.layout.claim(unit))
             return False
         self.held.add(unit)
         return True
 
-    def _is_stale(self, unit: int) -> bool:
-        return claim_state(self.layout, unit, self.lease_s) == "stale"
-
-    def _take_over(self, unit: int) -> bool:
-        """Rename the stale claim away (only one contender's rename succeeds), then claim normally."""
-        grave = self.layout.claims / f".stale-{unit:05d}-{uuid.uuid4().hex}"
-        try:
-            os.rename(self.layout.claim(unit), grave)
-        except FileNotFoundError:
-            return False
-        grave.unlink(missing_ok=True)
-        return self._create(unit)
-
     def release(self, unit: int) -> None:
-        self.held.discard(unit)
-        self.layout.claim(unit).unlink(missing_ok=True)
+        with self._lock:
+            self.held.discard(unit)
+            self.store.release_lease(self.layout.claim(unit))
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(max(0.5, self.lease_s / 4)):
             for unit in list(self.held):
                 try:
-                    os.utime(self.layout.claim(unit))
-                except FileNotFoundError:
-                    self.held.discard(unit)
+                    self._beat(unit)
+                except OSError as e:  # a network hiccup: try again next beat, the lease has room for a few
+                    log.warning("heartbeat of unit %d's claim failed: %s", unit, e)
+
+    def _beat(self, unit: int) -> None:
+        with self._lock:
+            if unit in self.held and not self.store.refresh_lease(self.layout.claim(unit), self._record()):
+                log.warning("lost the claim of unit %d (gone or taken over); its commit is idempotent", unit)
+                self.held.discard(unit)
 
     def close(self, release: bool = True) -> None:
         """Stop the heartbeat; by default release every claim so a rerun can take the units at once."""

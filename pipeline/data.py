@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import posixpath
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -188,6 +189,27 @@ def from_hf(ds: Any, **options: Any) -> HFTokenDataset:
     return HFTokenDataset(ds, ExampleOptions(**options))
 
 
+def open_shards(source: str | Path | Sequence[str | Path],
+                storage_options: dict[str, Any] | None = None) -> tuple[list[Any], Any]:
+    """``shard_files``, for local paths or fsspec URLs (``s3://bucket/out``, ``gs://...``: reading needs no
+    more than fsspec offers): the shard paths and pyarrow's ``filesystem=`` for them (None: local)."""
+    from pipeline.sources.storage import filesystem, is_url
+
+    urls = [str(source)] if isinstance(source, (str, Path)) else [str(s) for s in source]
+    if not urls or not is_url(urls[0]):
+        return shard_files(source), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, _ = filesystem(urls[0], dict(storage_options or {}))
+    files = []
+    for url in urls:
+        inner = fs._strip_protocol(url).rstrip("/")
+        files += sorted(fs.glob(f"{inner}/data/*.parquet")) if fs.isdir(inner) else [inner]
+    if not files:
+        raise ValueError(f"no Parquet shards in {source} (expected an output folder with data/*.parquet)")
+    return files, PyFileSystem(FSSpecHandler(fs))
+
+
 def shard_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
     """An output folder (its ``data/*.parquet``), one Parquet file, or a list of them -> sorted paths."""
     if isinstance(source, (str, Path)):
@@ -200,9 +222,9 @@ def shard_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def codec_metadata(path: Path) -> dict[str, Any]:
+def codec_metadata(path: Path | str, filesystem: Any = None) -> dict[str, Any]:
     """The ``pipeline.codec`` entry of a shard (sample rate, frame rate, K, cardinality); {} if absent."""
-    raw = (pq.read_schema(path).metadata or {}).get(b"pipeline.codec")
+    raw = (pq.read_schema(path, filesystem=filesystem).metadata or {}).get(b"pipeline.codec")
     return json.loads(raw) if raw else {}
 
 
@@ -229,7 +251,8 @@ class TokenDataset(torch.utils.data.IterableDataset):
     workers keep the dataset they started with, so leave it off (the default) or the epoch will not change.
 
     Args:
-        source: an output folder, a Parquet file, or a list of them.
+        source: an output folder, a Parquet file, or a list of them; local, or fsspec URLs (``s3://bucket/out``).
+        storage_options: fsspec options for URLs (endpoint; keep credentials in the environment).
         crop_frames, random_crop, delay_pattern, pad_token, fields: see ``ExampleOptions``.
         special_token: None takes the codec's cardinality from the shards' metadata (MusicGen's choice).
         shuffle: shuffle units, rows within them and a ``shuffle_buffer`` of rows; False reads in file order.
@@ -240,13 +263,14 @@ class TokenDataset(torch.utils.data.IterableDataset):
         shuffle_buffer: rows mixed across units in each worker (memory: rows x one row's codes).
     """
 
-    def __init__(self, source: str | Path | Sequence[str | Path], *, crop_frames: int | None = None,
+    def __init__(self, source: str | Path | Sequence[str | Path], *, storage_options: dict[str, Any] | None = None,
+                 crop_frames: int | None = None,
                  random_crop: bool = True, delay_pattern: bool = False, special_token: int | None = None,
                  pad_token: int | None = None, fields: Sequence[str] = DEFAULT_FIELDS, shuffle: bool = True,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, split: str = "auto",
                  even_ranks: bool | None = None, shuffle_buffer: int = 1024):
-        self.files = shard_files(source)
-        self.codec = codec_metadata(self.files[0])
+        self.files, self.filesystem = open_shards(source, storage_options)
+        self.codec = codec_metadata(self.files[0], self.filesystem)
         if special_token is None:
             if "cardinality" not in self.codec:
                 raise ValueError(f"{self.files[0]} has no pipeline.codec metadata; pass special_token explicitly")
@@ -254,7 +278,7 @@ class TokenDataset(torch.utils.data.IterableDataset):
         self.opts = ExampleOptions(crop_frames, random_crop, delay_pattern, special_token, pad_token, tuple(fields),
                                    seed)
         self._check_fields()
-        self.groups = [group for f, path in enumerate(self.files) for group in _row_groups(f, path)]
+        self.groups = [group for f, path in enumerate(self.files) for group in _row_groups(f, path, self.filesystem)]
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         resolve_split(split, 1, 1, 1)  # validates the name now, not in a worker
         self.split, self.shuffle, self.shuffle_buffer = split, shuffle, shuffle_buffer
@@ -262,10 +286,11 @@ class TokenDataset(torch.utils.data.IterableDataset):
         self.epoch = 0
 
     def _check_fields(self) -> None:
-        names = set(pq.read_schema(self.files[0]).names)
+        names = set(pq.read_schema(self.files[0], filesystem=self.filesystem).names)
         missing = [f for f in self.opts.fields if f not in names]
         if missing:
-            raise ValueError(f"fields {missing} are not columns of {self.files[0].name}; columns: {sorted(names)}")
+            raise ValueError(f"fields {missing} are not columns of {posixpath.basename(str(self.files[0]))}; "
+                             f"columns: {sorted(names)}")
 
     @property
     def num_rows(self) -> int:
@@ -314,7 +339,7 @@ class TokenDataset(torch.utils.data.IterableDataset):
         opened: tuple[int, pq.ParquetFile] | None = None  # pieces of one file come together: keep its footer
         for piece in pieces:
             if opened is None or opened[0] != piece.group.file:
-                opened = piece.group.file, pq.ParquetFile(self.files[piece.group.file])
+                opened = piece.group.file, pq.ParquetFile(self.files[piece.group.file], filesystem=self.filesystem)
             table = opened[1].read_row_group(piece.group.index, columns=columns)
             if piece.rows is not None:
                 table = table.take(piece.rows)
@@ -324,8 +349,8 @@ class TokenDataset(torch.utils.data.IterableDataset):
                 yield codes[i], {name: values[i] for name, values in meta.items()}
 
 
-def _row_groups(file: int, path: Path) -> list[RowGroup]:
-    meta = pq.ParquetFile(path).metadata  # the footer only
+def _row_groups(file: int, path: Path | str, filesystem: Any = None) -> list[RowGroup]:
+    meta = pq.ParquetFile(path, filesystem=filesystem).metadata  # the footer only
     return [RowGroup(file, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
 
 

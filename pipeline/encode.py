@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -29,15 +31,46 @@ def check_channels(codec: Codec, channels: str) -> None:
     raise ValueError(f"the codec takes {codec.channels}-channel input; the pipeline feeds codecs 1 or 2 channels")
 
 
-def encode_batch(codec: Codec, batch: Batch) -> list[EncodedSegment]:
-    """Run the codec on one batch and split the result back into segments."""
-    audio = torch.from_numpy(batch.to_array())
-    if codec.device.type == "cuda":
-        # Pinned host memory lets the copy overlap with the previous batch still running on the GPU.
-        audio = audio.pin_memory().to(codec.device, non_blocking=True)
-    codes, scales = codec.encode_with_scales(audio)  # [rows, K, T], [rows, n_chunks] or None
-    codes = codes.cpu().numpy()
-    scales = None if scales is None else scales.float().cpu().numpy()
+@dataclass
+class LaunchedBatch:
+    """A batch whose encode was queued on the device: codes land in host memory when ``ready`` fires.
+
+    On CUDA the codes' copy to pinned host memory is queued right behind the encode, so collecting batch N after
+    launching batch N+1 does not wait for N+1: the GPU always has the next batch queued while the CPU builds,
+    pins and commits the previous ones. On CPU everything has already run by the time this exists.
+    """
+
+    batch: Batch
+    codes: torch.Tensor  # [rows, K, T] on the host (pinned on CUDA)
+    scales: torch.Tensor | None
+    ready: torch.cuda.Event | None = None
+
+
+def launch_batch(codec: Codec, batch: Batch) -> LaunchedBatch:
+    """Queue one batch's encode (CUDA: asynchronous; CPU: runs now). Collect it with ``collect_batch``."""
+    if codec.device.type != "cuda":
+        codes, scales = codec.encode_with_scales(torch.from_numpy(batch.to_array()))
+        return LaunchedBatch(batch, codes, scales)
+    # Fill pinned memory directly (no pageable copy first), then copy without blocking the host; the caching
+    # host allocator keeps the buffer alive until the copy is done.
+    host = torch.empty((batch.rows, batch.row_channels, batch.padded_len), dtype=torch.float32, pin_memory=True)
+    batch.fill(host.numpy())
+    codes, scales = codec.encode_with_scales(host.to(codec.device, non_blocking=True))
+    codes_host = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True).copy_(codes, non_blocking=True)
+    scales_host = None if scales is None else \
+        torch.empty(scales.shape, dtype=scales.dtype, pin_memory=True).copy_(scales, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return LaunchedBatch(batch, codes_host, scales_host, ready)
+
+
+def collect_batch(codec: Codec, launched: LaunchedBatch) -> list[EncodedSegment]:
+    """Wait for a launched batch and split its codes back into segments (codes trimmed, channels interleaved)."""
+    if launched.ready is not None:
+        launched.ready.synchronize()  # also where an asynchronous CUDA error of this batch surfaces
+    batch = launched.batch
+    codes = launched.codes.numpy()
+    scales = None if launched.scales is None else launched.scales.float().numpy()
     out, row = [], 0
     for seg in batch.segments:
         rows = slice(row, row + seg.audio.shape[0] // batch.row_channels)  # mono codec: one row per channel
@@ -46,6 +79,11 @@ def encode_batch(codec: Codec, batch: Batch) -> list[EncodedSegment]:
                             codec.sample_rate))
         row = rows.stop
     return out
+
+
+def encode_batch(codec: Codec, batch: Batch) -> list[EncodedSegment]:
+    """Run the codec on one batch and split the result back into segments (launch + collect, synchronously)."""
+    return collect_batch(codec, launch_batch(codec, batch))
 
 
 def interleave(codes: np.ndarray) -> np.ndarray:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.layout import OutputLayout, atomic_write_bytes, atomic_write_json
+from pipeline.layout import OutputLayout
+from pipeline.stores import json_bytes
 from pipeline.plan import Plan
 from pipeline.writer import UnitCounts
 
@@ -80,9 +81,9 @@ def merge_counts(layout: OutputLayout, plan: Plan) -> tuple[UnitCounts, dict[str
     reasons: Counter[str] = Counter()
     for unit in range(plan.n_units):
         path = layout.marker(unit)
-        if not path.exists():
+        if not layout.store.exists(path):
             raise InconsistentOutput(f"unit {unit} has no done marker; rerun the job to finish it")
-        marker = json.loads(path.read_text())
+        marker = json.loads(layout.store.read_bytes(path))
         if marker.get("fingerprint") != plan.fingerprint:
             raise InconsistentOutput(f"unit {unit} was written with fingerprint {marker.get('fingerprint')}, "
                                      f"the plan has {plan.fingerprint}")
@@ -101,7 +102,7 @@ def finalize(layout: OutputLayout, plan: Plan, codec: CodecInfo) -> dict[str, An
     counts, timing = merge_counts(layout, plan)
     if counts.items != plan.n_items:
         raise InconsistentOutput(f"markers account for {counts.items} items, the plan has {plan.n_items}")
-    shard_bytes = sum(layout.shard(u, plan.n_units).stat().st_size for u in range(plan.n_units))
+    shard_bytes = sum(layout.store.size(layout.shard(u, plan.n_units)) for u in range(plan.n_units))
     tokens = counts.frames * codec.num_codebooks
     stats = {
         **asdict(counts),
@@ -119,8 +120,8 @@ def finalize(layout: OutputLayout, plan: Plan, codec: CodecInfo) -> dict[str, An
         "realtime_factor_per_unit_second": round(counts.audio_s / timing["unit_seconds"], 2)
         if timing["unit_seconds"] else None,
     }
-    atomic_write_json(layout.root / "stats.json", stats, layout.tmp)
-    atomic_write_bytes(layout.root / "README.md", dataset_card(stats, codec).encode(), layout.tmp)
+    layout.store.write_atomic(layout.root / "stats.json", json_bytes(stats), layout.tmp)
+    layout.store.write_atomic(layout.root / "README.md", dataset_card(stats, codec).encode(), layout.tmp)
     return stats
 
 

@@ -1,122 +1,108 @@
-"""Where everything lives in the output folder (DESIGN.md "Output folder"). Names depend on the unit only."""
+"""Where everything lives in the output folder (DESIGN.md "Output folder"). Names depend on the unit only.
+
+The folder is a local/mounted directory or an object-store prefix (``s3://bucket/prefix``); ``OutputLayout``
+names the paths and ``layout.store`` (``pipeline.stores``) does every read and write, so the modules above it
+(claims, writer, prepare, finalize, retry) hold the protocol and not the storage details.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
 from typing import Any
+
+from pipeline.stores import OutputStore, open_store
+from pipeline.stores.local import FILE_MODE, LocalStore, atomic_write_bytes, atomic_write_json, fsync_dir
+
+__all__ = ["FILE_MODE", "OutputLayout", "atomic_write_bytes", "atomic_write_json", "fsync_dir"]
 
 
 @dataclass(frozen=True)
 class OutputLayout:
-    """Paths of one output folder.
+    """Paths of one output folder, and the store they live in.
 
     ``.state`` starts with a dot so Hugging Face loaders, which skip hidden paths, never read it.
+
+    Args:
+        root: the folder: a ``Path``, or the ``bucket/prefix`` of an object store.
+        store: reads and writes them (default: the local filesystem).
+        scratch: a local folder for what cannot be written into an object store as it is made: temp files
+            (``tmp/``), Hydra's logs, verify reports. None for a local folder, whose temp files are in ``.state/tmp``
+            (the same filesystem, so a rename publishes them).
     """
 
-    root: Path
+    root: PurePath
+    store: OutputStore = field(default_factory=LocalStore, compare=False)
+    scratch: Path | None = None
+
+    @staticmethod
+    def open(url: str, storage_options: dict[str, Any] | None = None,
+             scratch_dir: str | None = None) -> "OutputLayout":
+        """The layout of ``output.dir``: a local path or a URL (``s3://bucket/prefix``); see ``open_store``."""
+        store, root, scratch = open_store(url, storage_options, scratch_dir)
+        return OutputLayout(root, store, scratch)
 
     @property
-    def data(self) -> Path:
+    def url(self) -> str:
+        """The folder as the user names it (``/data/tok``, ``s3://bucket/tok``)."""
+        return self.store.url(self.root)
+
+    @property
+    def data(self) -> PurePath:
         return self.root / "data"
 
     @property
-    def failures(self) -> Path:
+    def failures(self) -> PurePath:
         return self.root / "failures"
 
     @property
-    def state(self) -> Path:
+    def state(self) -> PurePath:
         return self.root / ".state"
 
     @property
-    def done(self) -> Path:
+    def done(self) -> PurePath:
         return self.state / "done"
 
     @property
-    def claims(self) -> Path:
+    def claims(self) -> PurePath:
         return self.state / "claims"
 
     @property
     def tmp(self) -> Path:
-        return self.state / "tmp"
+        """Always a local folder: temp files are written here, then published (renamed or uploaded)."""
+        return self.scratch / "tmp" if self.scratch is not None else Path(self.state / "tmp")
 
     @property
-    def plan(self) -> Path:
+    def plan(self) -> PurePath:
         return self.state / "plan.json"
 
     @property
-    def items(self) -> Path:
+    def items(self) -> PurePath:
         return self.state / "items.jsonl"
 
     @property
-    def finalize_claim(self) -> Path:
+    def finalize_claim(self) -> PurePath:
         return self.state / "finalize.claim"
 
-    def shard(self, unit: int, n_units: int) -> Path:
+    def shard(self, unit: int, n_units: int) -> PurePath:
         """``data/train-00042-of-00128.parquet``: the Hub's shard naming, so the split is inferred by any loader."""
         return self.data / f"train-{unit:05d}-of-{n_units:05d}.parquet"
 
-    def failure_log(self, unit: int) -> Path:
+    def failure_log(self, unit: int) -> PurePath:
         return self.failures / f"unit-{unit:05d}.jsonl"
 
-    def marker(self, unit: int) -> Path:
+    def marker(self, unit: int) -> PurePath:
         return self.done / f"unit-{unit:05d}.json"
 
-    def claim(self, unit: int) -> Path:
+    def claim(self, unit: int) -> PurePath:
         return self.claims / f"unit-{unit:05d}"
 
     def make_dirs(self) -> None:
-        for d in (self.data, self.failures, self.done, self.claims, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
+        for d in (self.data, self.failures, self.done, self.claims):
+            self.store.makedirs(d)
+        self.tmp.mkdir(parents=True, exist_ok=True)
 
     def done_units(self) -> set[int]:
-        """Units whose done marker exists (one directory listing)."""
-        if not self.done.is_dir():
-            return set()
-        return {int(name[5:10]) for name in os.listdir(self.done) if name.startswith("unit-") and name.endswith(".json")}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp creates files 0600; output is shared data, so give it the mode a plain open() would (0666 & ~umask).
-FILE_MODE = 0o666 & ~_umask()
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (POSIX: the directory entry is data of the directory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
-    """Write ``path`` so a reader sees the old file, no file, or the whole new one, never a part.
-
-    Temp file in ``tmp_dir`` (same filesystem) -> fsync -> rename -> fsync of the directory.
-    """
-    tmp_dir = tmp_dir or path.parent
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any, tmp_dir: Path | None = None) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), tmp_dir)
+        """Units whose done marker exists (one listing: a directory, or one prefix of the object store)."""
+        names = self.store.list_names(self.done)
+        return {int(name[5:10]) for name in names if name.startswith("unit-") and name.endswith(".json")}

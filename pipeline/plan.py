@@ -7,15 +7,16 @@ output folder must agree with it, or it is refused.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import platform
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.layout import OutputLayout, atomic_write_bytes, atomic_write_json
+from pipeline.layout import OutputLayout
+from pipeline.stores import json_bytes
 from pipeline.types import AudioItem
 
 PLAN_VERSION = 1
@@ -119,25 +120,29 @@ def build_plan(items: list[AudioItem], cfg: RunConfig, detail: dict[str, Any], s
 
 
 def load_plan(layout: OutputLayout) -> Plan | None:
-    if not layout.plan.exists():
+    if not layout.store.exists(layout.plan):
         return None
-    return Plan(**json.loads(layout.plan.read_text()))
+    return Plan(**json.loads(layout.store.read_bytes(layout.plan)))
 
 
-def save_plan(layout: OutputLayout, plan: Plan, items: list[AudioItem]) -> None:
-    """Items first, plan last: a plan.json on disk always has its items beside it."""
+def save_plan(layout: OutputLayout, plan: Plan, items: list[AudioItem]) -> bool:
+    """Items first, plan last: a plan.json on disk always has its items beside it.
+
+    The plan is created only if absent: False when another launch sharing the folder (a SLURM array task)
+    created one first; the caller then checks it is the same job.
+    """
     layout.make_dirs()
     lines = "".join(json.dumps(asdict(it), ensure_ascii=False, default=str) + "\n" for it in items)
-    atomic_write_bytes(layout.items, lines.encode(), layout.tmp)
-    atomic_write_json(layout.plan, asdict(plan), layout.tmp)
+    layout.store.write_atomic(layout.items, lines.encode(), layout.tmp)
+    return layout.store.create_atomic(layout.plan, json_bytes(asdict(plan)), layout.tmp)
 
 
 def load_items(layout: OutputLayout) -> list[AudioItem]:
-    with open(layout.items, encoding="utf-8") as f:
-        return [AudioItem(**json.loads(line)) for line in f]
+    with layout.store.open_read(layout.items) as f:
+        return [AudioItem(**json.loads(line)) for line in io.TextIOWrapper(f, encoding="utf-8")]
 
 
-def check_same_job(old: Plan, new: Plan, out_dir: Path) -> None:
+def check_same_job(old: Plan, new: Plan, out_dir: Path | str) -> None:
     """Refuse to mix two jobs in one folder; say what differs and the two ways out."""
     diffs = []
     if old.items_hash != new.items_hash or old.n_items != new.n_items:
@@ -168,6 +173,6 @@ def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]
 def wipe(layout: OutputLayout) -> None:
     """``output.mode=overwrite``: remove everything this pipeline writes, and nothing else."""
     for path in (layout.data, layout.failures, layout.state):
-        shutil.rmtree(path, ignore_errors=True)
+        layout.store.delete_tree(path)
     for name in ("README.md", "stats.json"):
-        (layout.root / name).unlink(missing_ok=True)
+        layout.store.delete(layout.root / name)

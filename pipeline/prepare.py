@@ -6,18 +6,19 @@ import json
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, decode_workers, logs_dir
 from pipeline.claims import claim_state
 from pipeline.finalize import CodecInfo, finalize
 from pipeline.layout import OutputLayout
-from pipeline.plan import (Plan, PlanMismatch, build_plan, check_same_job, device_kind, fingerprint_detail,
+from pipeline.plan import (Plan, build_plan, check_same_job, device_kind, fingerprint_detail,
                            fingerprint_of, load_items, load_plan, save_plan, wipe)
 from pipeline.retry import drop_stale_stashes, reopen_failed_units
+from pipeline.stores import OutputStore
+from pipeline.stores.local import LocalStore
 from pipeline.sources import Source, build_source
 from pipeline.types import AudioItem
 
@@ -43,21 +44,37 @@ class Job:
         """Merge stats and write the card once every unit is done: the first rank to claim it does it, once."""
         if not self.finished or not self._claim_finalize():
             return None
-        marker = json.loads(self.layout.marker(0).read_text())
+        marker = json.loads(self.layout.store.read_bytes(self.layout.marker(0)))
         return finalize(self.layout, self.plan, CodecInfo(**marker["codec"]))
 
-
     def _claim_finalize(self) -> bool:
-        try:
-            os.close(os.open(self.layout.finalize_claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return True
-        except FileExistsError:
-            return False
+        return self.layout.store.create_exclusive(self.layout.finalize_claim, b"")
+
+
+def output_layout(cfg: RunConfig) -> OutputLayout:
+    """The output folder of a run; a URL's credentials and endpoint come from ``output.storage_options``, else
+    from ``dataset.storage_options`` (inputs and outputs usually share one object store)."""
+    options = cfg.output.storage_options
+    return OutputLayout.open(cfg.output.dir, cfg.dataset.storage_options if options is None else options,
+                             cfg.output.scratch_dir)
+
+
+def upload_logs(cfg: RunConfig, local_dir: Path) -> None:
+    """Copy a run's Hydra logs and resolved config to ``<out>/.logs/<run>`` when its temp files (hence its logs,
+    ``config.logs_dir``) live outside the output folder, i.e. on an object store. Nothing to do otherwise."""
+    layout = output_layout(cfg)
+    if layout.scratch is None or not local_dir.is_dir():
+        return
+    logs = Path(logs_dir(cfg.output.dir, cfg.output.scratch_dir))
+    run_dir = local_dir.relative_to(logs) if local_dir.is_relative_to(logs) else Path(local_dir.name)
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        target = layout.root / ".logs" / run_dir.as_posix() / path.relative_to(local_dir).as_posix()
+        layout.store.write_atomic(target, path.read_bytes(), layout.tmp)
 
 
 def prepare(cfg: RunConfig, ranks, barrier: Callable) -> Job:
     """Rank 0 lists the inputs and writes or checks the plan; the others wait, then read it."""
-    layout = OutputLayout(Path(cfg.output.dir).expanduser().resolve())
+    layout = output_layout(cfg)
     detail = fingerprint_detail(cfg, _device_kind(ranks.device))
     source = build_source(cfg.dataset)
     if ranks.is_main:
@@ -67,11 +84,13 @@ def prepare(cfg: RunConfig, ranks, barrier: Callable) -> Job:
         plan, items = load_plan(layout), load_items(layout)
         if plan.fingerprint != fingerprint_of(detail):
             check_same_job(plan, Plan(**{**plan.__dict__, "fingerprint": fingerprint_of(detail),
-                                         "fingerprint_detail": detail}), layout.root)
+                                         "fingerprint_detail": detail}), layout.url)
+    layout.tmp.mkdir(parents=True, exist_ok=True)  # an object store's scratch folder is local to each host
     return Job(cfg, layout, plan, items, source)
 
 
 def _plan_on_main(cfg: RunConfig, layout: OutputLayout, source: Source, detail: dict) -> tuple[Plan, list[AudioItem]]:
+    layout.store.check_writable(layout.root)
     if cfg.output.mode == "overwrite":
         wipe(layout)
     items = source.list_items()
@@ -81,14 +100,15 @@ def _plan_on_main(cfg: RunConfig, layout: OutputLayout, source: Source, detail: 
         raise ValueError(f"no audio items found in {source.describe()}; check dataset.path and dataset.extensions")
     new = build_plan(items, cfg, detail, source.describe())
     old = load_plan(layout)
-    if old is None:
-        save_plan(layout, new, items)
-        log.info("planned %d items in %d units -> %s", new.n_items, new.n_units, layout.root)
+    if old is None and save_plan(layout, new, items):
+        log.info("planned %d items in %d units -> %s", new.n_items, new.n_units, layout.url)
         return new, items
-    check_same_job(old, new, layout.root)
+    old = old or load_plan(layout)  # another launch planned this folder a moment ago
+    assert old is not None
+    check_same_job(old, new, layout.url)
     layout.make_dirs()
     # A new run finalizes again (stats may change with retry_failed; a crash may have cut the last finalize).
-    layout.finalize_claim.unlink(missing_ok=True)
+    layout.store.delete(layout.finalize_claim)
     drop_stale_stashes(layout)
     if cfg.output.retry_failed:
         reopened = reopen_failed_units(layout, old.n_units)
@@ -103,23 +123,32 @@ def _clean_uncommitted(layout: OutputLayout, lease_s: float) -> None:
     claims of units that are done (owner killed between marker and release), and stray temp files. Units another
     live run is writing right now are left alone."""
     done = layout.done_units()
-    for folder in (layout.data, layout.failures, layout.tmp, layout.claims):
-        for path in folder.iterdir():
-            if _is_leftover(layout, folder, path, done, lease_s):
-                log.info("removing leftover %s", path)
-                path.unlink(missing_ok=True)
+    local = LocalStore()  # the temp folder is always local: inside the output folder, or its scratch folder
+    for store, folder in ((layout.store, layout.data), (layout.store, layout.failures), (local, layout.tmp),
+                          (layout.store, layout.claims)):
+        for name in store.list_names(folder):
+            path = folder / name
+            if _is_leftover(layout, store, folder, path, done, lease_s):
+                log.info("removing leftover %s", store.url(path))
+                store.delete(path)
 
 
-def _is_leftover(layout: OutputLayout, folder: Path, path: Path, done: set[int], lease_s: float) -> bool:
+def _is_leftover(layout: OutputLayout, store: OutputStore, folder: PurePath, path: PurePath, done: set[int],
+                 lease_s: float) -> bool:
     match = _UNIT.search(path.name)
-    if match is None:  # temp files of plan/stats writes, renamed-away stale claims
-        return folder in (layout.tmp, layout.claims) and time.time() - path.stat().st_mtime > lease_s
+    if match is None:  # temp files of plan/stats writes, renamed-away stale claims (small files)
+        lease = store.read_lease(path) if folder in (layout.tmp, layout.claims) else None
+        return lease is not None and lease.age_s > lease_s
     unit = int(match.group(1))
     if folder == layout.claims:
         return unit in done
     if unit in done and folder != layout.tmp:
         return False
-    return claim_state(layout, unit, lease_s) != "live"
+    if claim_state(layout, unit, lease_s) == "live":
+        return False
+    # Not if the unit was committed since ``done`` was listed: its owner wrote the marker, then released the claim
+    # we found gone (another launch sharing the folder). Temp files are never committed content.
+    return folder == layout.tmp or not layout.store.exists(layout.marker(unit))
 
 
 def _device_kind(device: str) -> str:
@@ -132,7 +161,7 @@ def _device_kind(device: str) -> str:
 
 def looks_finished(cfg: RunConfig) -> bool:
     """A cheap look before loading anything: does the output folder already hold every unit's marker?"""
-    layout = OutputLayout(Path(cfg.output.dir).expanduser().resolve())
+    layout = output_layout(cfg)
     plan = load_plan(layout)
     return cfg.output.mode == "resume" and plan is not None and layout.done_units() >= set(range(plan.n_units))
 
@@ -160,9 +189,11 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
     writer = UnitWriter(job.layout, job.plan.n_units, info.num_codebooks, file_meta,
                         cfg.output.compression, cfg.output.compression_level)
     remaining = job.plan.n_items - sum(len(job.plan.unit_range(u)) for u in job.layout.done_units())
+    workers = decode_workers(cfg.decode.workers, codec.device.type, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    log.info("%d decode worker(s) (decode.workers=%s)", workers, cfg.decode.workers)
     return Runner(
         job.plan, job.items, job.layout, codec,
-        DecodePool(spec, cfg.decode.workers, cfg.decode.timeout_s,
+        DecodePool(spec, workers, cfg.decode.timeout_s,
                    # two batches' worth of decoded audio may wait for the codec; beyond that workers pause
                    max_buffered_samples=round(2 * cfg.batch.max_audio_s * codec.sample_rate * 2)),
         Claims(job.layout, cfg.claim_lease_s), writer,

@@ -2,8 +2,9 @@
 
 Reopening a done unit (rank 0, in ``prepare``, before any rank claims units):
 
-1. hard-link its shard into ``.state/retry/unit-NNNNN/kept.parquet``, then write ``retry.json`` beside it (the
-   unit's counts and failure records), atomically and last: a stash without ``retry.json`` is incomplete;
+1. hard-link (object store: server-side copy) its shard into ``.state/retry/unit-NNNNN/kept.parquet``, then
+   write ``retry.json`` beside it (the unit's counts and failure records), atomically and last: a stash without
+   ``retry.json`` is incomplete;
 2. remove the unit's done marker. The unit is open again; the usual clean-up removes its shard and failure log.
 
 Running it (whichever rank claims it): only the retried items are decoded and encoded. The kept rows are copied
@@ -21,16 +22,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from pathlib import PurePath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.layout import OutputLayout, atomic_write_json
+from pipeline.layout import OutputLayout
+from pipeline.stores import json_bytes
 from pipeline.types import AudioItem, EncodedSegment, Failure
 from pipeline.writer import UnitCounts, UnitWriter
 
@@ -58,7 +58,7 @@ class KeptUnit:
     order: dict[str, int]
 
 
-def stash_dir(layout: OutputLayout, unit: int) -> Path:
+def stash_dir(layout: OutputLayout, unit: int) -> PurePath:
     return layout.state / "retry" / f"unit-{unit:05d}"
 
 
@@ -71,65 +71,61 @@ def drop_stale_stashes(layout: OutputLayout) -> None:
     """Remove stashes of units that have a marker: a retry that committed, or a reopen cut before step 2."""
     root = layout.state / "retry"
     done = layout.done_units()
-    for path in sorted(root.iterdir()) if root.is_dir() else []:
-        match = _UNIT_DIR.match(path.name)
+    for name in sorted(layout.store.list_names(root)):
+        match = _UNIT_DIR.match(name)
         if match and int(match.group(1)) in done:
-            shutil.rmtree(path, ignore_errors=True)
+            layout.store.delete_tree(root / name)
 
 
 def reopen_failed_units(layout: OutputLayout, n_units: int) -> list[int]:
     """Stash and reopen every done unit with a retryable failure; returns the reopened units."""
     reopened = []
     for unit in sorted(layout.done_units()):
-        failures = read_failures(layout.failure_log(unit))
+        failures = read_failures(layout, layout.failure_log(unit))
         n_retry = sum(map(is_retryable, failures))
         if not n_retry:
             continue
         _stash(layout, unit, n_units, failures)
-        layout.marker(unit).unlink()
+        layout.store.delete(layout.marker(unit))
         log.info("retry_failed: unit %d reopened for %d failed item(s)", unit, n_retry)
         reopened.append(unit)
     return reopened
 
 
-def read_failures(path: Path) -> list[Failure]:
-    if not path.exists():
+def read_failures(layout: OutputLayout, path: PurePath) -> list[Failure]:
+    if not layout.store.exists(path):
         return []
-    return [Failure(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = layout.store.read_bytes(path).decode("utf-8")
+    return [Failure(**json.loads(line)) for line in text.splitlines() if line.strip()]
 
 
 def _stash(layout: OutputLayout, unit: int, n_units: int, failures: list[Failure]) -> None:
     folder = stash_dir(layout, unit)
-    shutil.rmtree(folder, ignore_errors=True)  # an incomplete stash of an earlier, interrupted reopen
-    folder.mkdir(parents=True)
-    _link_or_copy(layout.shard(unit, n_units), folder / "kept.parquet")
-    counts = json.loads(layout.marker(unit).read_text())["counts"]
+    layout.store.delete_tree(folder)  # an incomplete stash of an earlier, interrupted reopen
+    layout.store.makedirs(folder)
+    # A copy that survives the clean-up's removal of the shard (locally a hard link, which costs nothing).
+    layout.store.copy(layout.shard(unit, n_units), folder / "kept.parquet")
+    counts = json.loads(layout.store.read_bytes(layout.marker(unit)))["counts"]
     state = {"unit": unit, "counts": counts, "failures": [asdict(f) for f in failures]}
-    atomic_write_json(folder / "retry.json", state, layout.tmp)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    # A hard link costs nothing and survives the clean-up's unlink of the shard; some filesystems refuse links.
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+    layout.store.write_atomic(folder / "retry.json", json_bytes(state), layout.tmp)
 
 
 def load_kept(layout: OutputLayout, unit: int, items: list[AudioItem]) -> KeptUnit | None:
     """The stash of a reopened unit, or None when the unit is not being retried."""
     folder = stash_dir(layout, unit)
-    if not (folder / "retry.json").exists():
+    if not layout.store.exists(folder / "retry.json"):
         return None
-    state = json.loads((folder / "retry.json").read_text())
+    state = json.loads(layout.store.read_bytes(folder / "retry.json"))
     failures = [Failure(**f) for f in state["failures"]]
     retried = [f for f in failures if is_retryable(f)]
     order = {it.id: it.index for it in items}
     unknown = [f.item_id for f in failures if f.item_id not in order]
     if unknown:
-        raise ValueError(f"retry stash {folder} names items that are not in unit {unit}: {unknown[:3]}; "
-                         f"delete {folder} and rerun with output.retry_failed=true")
-    return KeptUnit(pq.read_table(folder / "kept.parquet"), _less(UnitCounts(**state["counts"]), retried),
+        where = layout.store.url(folder)
+        raise ValueError(f"retry stash {where} names items that are not in unit {unit}: {unknown[:3]}; "
+                         f"delete {where} and rerun with output.retry_failed=true")
+    kept = pq.read_table(str(folder / "kept.parquet"), filesystem=layout.store.arrow_filesystem())
+    return KeptUnit(kept, _less(UnitCounts(**state["counts"]), retried),
                     [f for f in failures if not is_retryable(f)], {f.item_id for f in retried}, order)
 
 
@@ -163,7 +159,7 @@ def commit_merged(writer: UnitWriter, unit: int, kept: KeptUnit, rows: list[Enco
     total = merged_counts(kept.counts, counts)
     failures = sorted(kept.failures + failures, key=lambda f: kept.order[f.item_id])
     writer.commit_table(unit, table, failures, total, marker_extra)
-    shutil.rmtree(stash_dir(writer.layout, unit), ignore_errors=True)
+    writer.layout.store.delete_tree(stash_dir(writer.layout, unit))
     return total
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pipeline.batching import Batch, Batcher, BatchPolicy
 from pipeline.claims import Claims
 from pipeline.codecs.base import Codec
-from pipeline.encode import encode_batch
+from pipeline.encode import LaunchedBatch, collect_batch, launch_batch
 from pipeline.layout import OutputLayout
 from pipeline.plan import Plan
 from pipeline.progress import Progress
@@ -76,10 +76,26 @@ class OpenUnit:
 
 @dataclass
 class RankStats:
+    """What one rank did, and where its main loop spent its time (the first thing to read when a run is slow)."""
+
     units: int = 0
     items: int = 0
     audio_s: float = 0.0
     stopped_by_signal: int | None = None
+    batches: int = 0
+    # Seconds in the codec: launching batches (CPU: the whole encode) and waiting for launched ones to finish.
+    encode_s: float = 0.0
+    # Seconds blocked waiting for decoded audio with no batch to encode: the codec starved by decoding.
+    starved_s: float = 0.0
+    # Seconds writing and committing shards.
+    commit_s: float = 0.0
+    wall_s: float = 0.0
+
+    def timing(self) -> str:
+        """One line: where the loop's time went, e.g. ``encode 91% (412 batches), starved 3%, commit 2%``."""
+        wall = max(self.wall_s, 1e-9)
+        return (f"encode {self.encode_s / wall:.0%} ({self.batches} batches), starved {self.starved_s / wall:.0%}, "
+                f"commit {self.commit_s / wall:.0%} of {self.wall_s:.1f} s")
 
 
 class Runner:
@@ -100,6 +116,8 @@ class Runner:
         self.marker_extra = {**(marker_extra or {}), "host": socket.gethostname()}
         self.open: dict[int, OpenUnit] = {}
         self.ready: collections.deque[Batch] = collections.deque()
+        # At most one batch queued on the device and not collected yet (CUDA runs it while the host works).
+        self.launched: LaunchedBatch | None = None
         self.no_more_units = False
         self.stats = RankStats()
         self._stop_signal: int | None = None
@@ -114,30 +132,47 @@ class Runner:
         self._stop_signal = signum
 
     def run(self) -> RankStats:
+        start = time.monotonic()
         while self._stop_signal is None:
             self._feed()
             # With batches waiting, take no more audio: the pool's buffer then fills, workers block, and memory
             # stays bounded by the batch cap rather than by how fast files decode.
             if len(self.ready) < 2:
-                for result in self.pool.poll(timeout=0.005 if self.ready else 0.1):
-                    self._on_result(result)
+                self._poll(timeout=0.005 if self.ready or self.launched else 0.1)
             if self.ready:
                 self._encode(self.ready.popleft())
+            elif self.launched is not None:
+                self._collect()  # nothing to queue behind it: finish it so its units can commit
             self._maybe_flush()
             self._commit_complete()
             if self.no_more_units and not self.open and self.pool.outstanding == 0:
                 break
+        if self.launched is not None:  # stopped by a signal: the batch is on the device already, keep it
+            self._collect()
+            self._commit_complete()
         self.stats.stopped_by_signal = self._stop_signal
+        self.stats.wall_s = time.monotonic() - start
+        log.info("rank loop: %s", self.stats.timing())
         return self.stats
+
+    def _poll(self, timeout: float) -> None:
+        """Take decoded results; time spent blocked with nothing to encode counts as starved."""
+        t0 = time.monotonic()
+        results = self.pool.poll(timeout=timeout)
+        if not self.ready and self.launched is None and not results:
+            self.stats.starved_s += time.monotonic() - t0
+        for result in results:
+            self._on_result(result)
 
     def _feed(self) -> None:
         """Keep every worker busy: submit items of open units, claiming a new unit when they are all out."""
         target = max(2, 2 * self.pool.n_workers + 2)
         while self.pool.outstanding < target:
             unit = next((u for u in self.open.values() if u.submitted < len(u.items)), None)
-            if unit is None and self.open and self.pool.outstanding >= self.pool.depth:
-                # Claim the next unit only when this one is nearly decoded: claiming ahead to fill every queue
-                # let the first rank up take most units of a small job while the others idled (measured).
+            if unit is None and self.open and self.pool.outstanding >= max(1, self.pool.n_workers):
+                # Claim the next unit only when fewer items than workers are left in flight: claiming ahead to
+                # fill every queue let the first rank up take most units of a small job while the others idled
+                # (measured), and waiting for fewer than that starved the workers of small units.
                 return
             if unit is None:
                 unit = self._claim()
@@ -175,22 +210,44 @@ class Runner:
                 self.ready.append(batch)
 
     def _encode(self, batch: Batch) -> None:
+        """Launch ``batch`` on the codec, then collect the one launched before it (one-deep pipeline)."""
+        t0 = time.monotonic()
         try:
-            encoded = encode_batch(self.codec, batch)
+            launched = launch_batch(self.codec, batch)
         except Exception as e:  # noqa: BLE001 - a batch that cannot be encoded fails its items, not the run
-            log.exception("encode failed for a batch of %d segments", len(batch.segments))
-            for seg in batch.segments:
-                unit = self.open[seg.unit]
-                unit.encode_failures.setdefault(
-                    seg.item.index, Failure(seg.item.id, seg.item.source, "encode", "error", type(e).__name__, str(e))
-                )
-                unit.pending_segments -= 1
+            self._fail_batch(batch, e)
+            launched = None
+        self.stats.encode_s += time.monotonic() - t0
+        if self.launched is not None:
+            self._collect()
+        self.launched = launched
+
+    def _collect(self) -> None:
+        launched, self.launched = self.launched, None
+        t0 = time.monotonic()
+        try:
+            encoded = collect_batch(self.codec, launched)
+        except Exception as e:  # noqa: BLE001 - as in _encode: an asynchronous device error surfaces here
+            self._fail_batch(launched.batch, e)
             return
+        finally:
+            self.stats.encode_s += time.monotonic() - t0
+        self.stats.batches += 1
         for row in encoded:
             unit = self.open[row.unit]
             unit.rows.append(row)
             unit.pending_segments -= 1
         self.progress.update(audio_s=sum(r.duration_s for r in encoded))
+
+    def _fail_batch(self, batch: Batch, error: Exception) -> None:
+        log.error("encode failed for a batch of %d segments: %s: %s", len(batch.segments), type(error).__name__,
+                  error, exc_info=error)
+        for seg in batch.segments:
+            unit = self.open[seg.unit]
+            unit.encode_failures.setdefault(
+                seg.item.index,
+                Failure(seg.item.id, seg.item.source, "encode", "error", type(error).__name__, str(error)))
+            unit.pending_segments -= 1
 
     def _maybe_flush(self) -> None:
         """Encode partial batches when units would otherwise wait on them for too long."""
@@ -209,6 +266,7 @@ class Runner:
 
     def _commit_complete(self) -> None:
         for unit in [u for u in self.open.values() if u.complete]:
+            t0 = time.monotonic()
             counts, failures, rows = unit.counts_and_failures()
             extra = {**self.marker_extra, "elapsed_s": round(time.monotonic() - unit.started, 3)}
             if unit.kept is None:
@@ -221,3 +279,4 @@ class Runner:
             self.stats.items += counts.items
             self.stats.audio_s += counts.audio_s
             self.progress.update(items=counts.items, failed=counts.failed + counts.skipped)
+            self.stats.commit_s += time.monotonic() - t0

@@ -14,7 +14,7 @@ def print_summary(stats: dict[str, Any] | None, job, rank_stats) -> None:
                      f"{done}/{job.plan.n_units} units done in total (other ranks still working, or rerun to finish)")
     else:
         lines += [
-            f"output      {job.layout.root}",
+            f"output      {job.layout.url}",
             f"items       {stats['items']} listed: {stats['ok']} ok, {stats['failed']} failed, "
             f"{stats['skipped']} skipped by policy",
             f"rows        {stats['rows']} segments, {stats['audio_hours']:.3f} h decoded, "
@@ -24,7 +24,9 @@ def print_summary(stats: dict[str, Any] | None, job, rank_stats) -> None:
             f"units       {stats['units']}, fingerprint {stats['fingerprint']}",
         ]
         if rank_stats is not None and rank_stats.audio_s:
-            lines.append(f"this rank   {rank_stats.units} units, {rank_stats.audio_s / 3600:.3f} h")
+            lines.append(f"this rank   {rank_stats.units} units, {rank_stats.audio_s / 3600:.3f} h in "
+                         f"{rank_stats.wall_s:.1f} s ({rank_stats.audio_s / max(rank_stats.wall_s, 1e-9):.0f}x "
+                         f"realtime); {rank_stats.timing()}")
         lines += _reason_lines(stats["failures_by_reason"])
     lines.append("=" * 72)
     print("\n".join(lines), flush=True)

@@ -7,7 +7,6 @@ plan -> (read, decode, segment in workers) -> batch -> encode -> write -> finali
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,7 +41,12 @@ def setup_ranks(cfg: RunConfig) -> RankInfo:
     want_cuda = cfg.codec.device.startswith("cuda") or (cfg.codec.device == "auto" and torch.cuda.is_available())
     # The only collective is one barrier at start-up, after rank 0 lists the inputs (which can take a while).
     state = PartialState(cpu=not want_cuda, timeout=timedelta(hours=6))
-    device = str(state.device) if want_cuda else "cpu"
+    device = "cpu"
+    if want_cuda:
+        # PartialState is a process-wide singleton: one made earlier in this process for a CPU run (e.g. a script
+        # or test that runs twice) keeps device cpu, so take this rank's GPU the way accelerate picks it.
+        device = str(state.device) if state.device.type == "cuda" else \
+            f"cuda:{state.local_process_index % max(1, torch.cuda.device_count())}"
     if cfg.codec.device.startswith("cuda:"):
         device = cfg.codec.device
     return RankInfo(state.process_index, state.num_processes, device)
@@ -105,6 +109,20 @@ def _shutdown_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _upload_logs(cfg: RunConfig) -> None:
+    """An object-store output's logs were written locally (``config.logs_dir``): copy them beside the output."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from pipeline.prepare import upload_logs
+
+    try:
+        upload_logs(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ValueError:  # an output.dir the run refused already, with its own message
+        pass
+    except Exception as e:  # noqa: BLE001 - the logs are a convenience; never fail (or hide the error of) a run
+        log.warning("could not copy the logs to %s/.logs: %s", cfg.output.dir, e)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(dcfg: DictConfig) -> None:
     from pipeline.codecs.encodec import CodecLoadError
@@ -117,6 +135,8 @@ def main(dcfg: DictConfig) -> None:
         # Our own refusals carry a message written for the user; a traceback would only bury it.
         log.error("%s", e)
         sys.exit(2)
+    finally:
+        _upload_logs(cfg)
     if code:
         sys.exit(code)
 

@@ -10,7 +10,9 @@
    log-mel L1; code usage and entropy per codebook over all rows; plots.
 
 Exit status 0 when every check passes, 1 otherwise (the problems are printed, and written to the report).
-The report goes to ``OUT/verify/`` by default: outside ``data/``, so ``load_dataset(OUT)`` never reads it.
+The report goes to ``OUT/verify/`` by default: outside ``data/``, so ``load_dataset(OUT)`` never reads it. An
+``s3://`` OUT is read through fsspec (``--storage-options``) and left untouched: its report goes to a local
+scratch folder (printed) unless ``--report-dir`` says where.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from pipeline.layout import OutputLayout
 from pipeline.verify_checks import Problem, Scan, codebook_stats, scan_output
 
 if TYPE_CHECKING:  # the codec half imports torch; structure-only runs never pay for it
@@ -45,12 +47,13 @@ class VerifyOptions:
         sample: rows to re-encode at batch 1 (0 skips the codec entirely, together with ``decode=0``).
         decode: rows of that sample to decode back to WAV and score.
         seed: picks the sample.
-        report_dir: where the report goes; None is ``OUT/verify``.
+        report_dir: where the report goes; None is ``OUT/verify`` (an object store's OUT: a local scratch folder).
         codec: a directory or hub id overriding the plan's ``codec.pretrained``.
         device: where the reference encode runs (``cpu``, ``cuda``).
         threads: CPU threads of the reference encode; None uses the run's own setting.
         max_flip_rate: fraction of re-encoded codes (all codebooks) allowed to differ.
-        storage_options: fsspec options for remote sources (credentials stay in the environment).
+        storage_options: fsspec options for remote sources and an ``s3://`` OUT (credentials stay in the
+            environment).
     """
 
     sample: int = 16
@@ -91,29 +94,35 @@ class _Audit:
 
 
 def verify(out: str | Path, options: VerifyOptions | None = None) -> VerifyResult:
-    """Check the output folder ``out`` and write the report; see the module docstring."""
+    """Check the output folder ``out`` (a path or an ``s3://`` URL) and write the report; see the module
+    docstring."""
     from pipeline.verify_report import plot_all, write_report
 
     options = options or VerifyOptions()
     started = time.monotonic()
-    root = Path(out).expanduser().resolve()
-    report_dir = Path(options.report_dir) if options.report_dir else root / "verify"
-    scan = scan_output(root)
+    layout = OutputLayout.open(str(out), options.storage_options)
+    report_dir = Path(options.report_dir) if options.report_dir else _default_report_dir(layout)
+    scan = scan_output(layout)
     audit = _audit_codes(scan, options, report_dir) if scan.codec and scan.rows else _Audit()
     durations = np.concatenate(scan.durations) if scan.durations else np.zeros(0)
     plots = plot_all(durations, scan.usage, report_dir)
     warnings = audit.warnings + ([] if plots else ["matplotlib is not installed: no plots"])
     problems = scan.problems + audit.problems
-    report = _report(root, scan, options, problems, warnings, durations, plots, audit.sections)
+    report = _report(layout.url, scan, options, problems, warnings, durations, plots, audit.sections)
     report["runtime_s"] = round(time.monotonic() - started, 2)
     write_report(report, report_dir)
     return VerifyResult(problems, warnings, report, report_dir)
 
 
-def _report(root: Path, scan: Scan, options: VerifyOptions, problems: list[Problem], warnings: list[str],
+def _default_report_dir(layout: OutputLayout) -> Path:
+    """``OUT/verify``; for an object store, a local folder beside its scratch files (verify writes nothing there)."""
+    return Path(layout.root / "verify") if layout.scratch is None else layout.scratch / "verify"
+
+
+def _report(output: str, scan: Scan, options: VerifyOptions, problems: list[Problem], warnings: list[str],
             durations: np.ndarray, plots: dict[str, str], sections: dict[str, Any]) -> dict[str, Any]:
     return {
-        "output": str(root),
+        "output": output,
         "ok": not problems,
         "problems": [str(p) for p in problems],
         "problem_checks": sorted({p.check for p in problems}),
@@ -176,7 +185,7 @@ def _load_reference(scan: Scan, options: VerifyOptions, audit: _Audit) -> tuple[
     assert scan.plan is not None and scan.codec is not None
     cfg = codec_config(scan.plan, options.codec, options.device, options.threads)
     codec = load_codec(cfg, torch.device(options.device))
-    meta = pq.read_schema(scan.shards[0].path).metadata or {}
+    meta = scan.shards[0].schema().metadata or {}
     warning = weights_warning(codec, (meta.get(b"pipeline.codec_model") or b"").decode() or None)
     audit.warnings += [warning] if warning else []
     setup = AudioSetup.from_plan(scan.plan, scan.codec.sample_rate, options.storage_options)
@@ -226,7 +235,7 @@ def sample_rows(scan: Scan, n: int, seed: int) -> list[SampledRow]:
     """``n`` rows drawn uniformly without replacement over all shards (reads only the shards they are in)."""
     from pipeline.verify_audio import SampledRow
 
-    shards = [ref for ref in scan.shards if set(_SAMPLE_COLUMNS) <= set(pq.read_schema(ref.path).names)]
+    shards = [ref for ref in scan.shards if set(_SAMPLE_COLUMNS) <= set(ref.schema().names)]
     total = sum(ref.rows for ref in shards)
     picks = np.random.default_rng(seed).choice(total, size=min(n, total), replace=False) if n > 0 else []
     bounds = np.cumsum([0] + [ref.rows for ref in shards])
@@ -236,9 +245,9 @@ def sample_rows(scan: Scan, n: int, seed: int) -> list[SampledRow]:
         by_shard.setdefault(shard, []).append((order, int(pick - bounds[shard])))
     rows: list[tuple[int, SampledRow]] = []
     for shard, wanted in by_shard.items():
-        names = pq.read_schema(shards[shard].path).names
+        names = shards[shard].schema().names
         columns = _SAMPLE_COLUMNS + [c for c in _OPTIONAL_COLUMNS if c in names]
-        table = pq.read_table(shards[shard].path, columns=columns).take([i for _, i in wanted])
+        table = shards[shard].open().read(columns=columns).take([i for _, i in wanted])
         for (order, _), r in zip(wanted, table.to_pylist()):
             codes = np.asarray(r.pop("codes"), dtype=np.int16)
             scales = r.pop("scales", None)
@@ -247,10 +256,10 @@ def sample_rows(scan: Scan, n: int, seed: int) -> list[SampledRow]:
     return [row for _, row in sorted(rows, key=lambda x: x[0])]
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Path, VerifyOptions]:
+def parse_args(argv: list[str] | None = None) -> tuple[str, VerifyOptions]:
     p = argparse.ArgumentParser(prog="python -m pipeline.verify", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", type=Path, help="the output folder (output.dir of the tokenize run)")
+    p.add_argument("out", help="the output folder (output.dir of the tokenize run): a path or s3://bucket/prefix")
     p.add_argument("--sample", type=int, default=16, help="rows to re-encode at batch 1 (default 16; 0: none)")
     p.add_argument("--decode", type=int, default=2, help="rows to decode to WAV and score (default 2; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the row sample")
@@ -261,7 +270,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Path, VerifyOptions]:
     p.add_argument("--max-flip-rate", type=float, default=0.05,
                    help="fail when more than this fraction of re-encoded codes differ (default 0.05)")
     p.add_argument("--storage-options", type=json.loads, default=None,
-                   help='fsspec options for remote sources, as JSON: \'{"client_kwargs": {"endpoint_url": "..."}}\'')
+                   help='fsspec options for remote sources and an s3:// OUT, as JSON: '
+                        '\'{"client_kwargs": {"endpoint_url": "..."}}\'')
     a = p.parse_args(argv)
     return a.out, VerifyOptions(a.sample, a.decode, a.seed, a.report_dir, a.codec, a.device, a.threads,
                                 a.max_flip_rate, a.storage_options)

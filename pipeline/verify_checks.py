@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -43,11 +43,22 @@ class Problem:
 
 @dataclass
 class ShardRef:
-    """A shard that exists, with its unit and row count (from the footer)."""
+    """A shard that exists, with its unit and row count (from the footer).
+
+    Args:
+        filesystem: pyarrow's ``filesystem=`` for ``path`` (None: a local path).
+    """
 
     unit: int
-    path: Path
+    path: PurePath
     rows: int
+    filesystem: Any = None
+
+    def schema(self) -> pa.Schema:
+        return pq.read_schema(str(self.path), filesystem=self.filesystem)
+
+    def open(self) -> pq.ParquetFile:
+        return pq.ParquetFile(str(self.path), filesystem=self.filesystem)
 
 
 @dataclass
@@ -72,12 +83,13 @@ class Scan:
         self.problems.append(Problem(check, message))
 
 
-def scan_output(root: Path) -> Scan:
-    """Run every structural check on the output folder ``root``; never raises on bad data, only records it."""
-    layout, scan = OutputLayout(root), Scan()
+def scan_output(layout: OutputLayout) -> Scan:
+    """Run every structural check on the output folder; never raises on bad data, only records it."""
+    scan = Scan()
     scan.plan = load_plan(layout)
     if scan.plan is None:
-        scan.add("plan", f"{layout.plan} is missing: not a pipeline output folder, or the job never started")
+        scan.add("plan", f"{layout.store.url(layout.plan)} is missing: not a pipeline output folder, or the job "
+                         f"never started")
         return scan
     markers = _check_markers(layout, scan.plan, scan)
     scan.shards = _find_shards(layout, scan.plan, scan)
@@ -94,10 +106,11 @@ def _check_markers(layout: OutputLayout, plan: Plan, scan: Scan) -> dict[int, di
     markers: dict[int, dict[str, Any]] = {}
     for unit in range(plan.n_units):
         path = layout.marker(unit)
-        if not path.exists():
-            scan.add("marker", f"unit {unit} has no done marker ({path}); rerun the tokenize command to finish it")
+        if not layout.store.exists(path):
+            scan.add("marker", f"unit {unit} has no done marker ({layout.store.url(path)}); rerun the tokenize "
+                               f"command to finish it")
             continue
-        marker = markers[unit] = json.loads(path.read_text())
+        marker = markers[unit] = json.loads(layout.store.read_bytes(path))
         if marker.get("fingerprint") != plan.fingerprint:
             scan.add("fingerprint", f"unit {unit} marker has fingerprint {marker.get('fingerprint')}, "
                                     f"plan.json has {plan.fingerprint}")
@@ -114,26 +127,27 @@ def _check_markers(layout: OutputLayout, plan: Plan, scan: Scan) -> dict[int, di
 def _find_shards(layout: OutputLayout, plan: Plan, scan: Scan) -> list[ShardRef]:
     """The shard of every unit; a missing shard, or a ``.parquet`` no unit owns, is a problem."""
     expected = {layout.shard(u, plan.n_units).name: u for u in range(plan.n_units)}
-    present = {p.name for p in layout.data.glob("*.parquet")} if layout.data.is_dir() else set()
+    present = {name for name in layout.store.list_names(layout.data) if name.endswith(".parquet")}
     for name in sorted(present - set(expected)):
         # load_dataset reads data/*.parquet, so a stray file would become training data.
         scan.add("stray_shard", f"data/{name} belongs to no unit of the plan ({plan.n_units} units); "
                                 "it would be read as training data")
-    shards = []
+    shards, filesystem = [], layout.store.arrow_filesystem()
     for name, unit in expected.items():
         if name not in present:
-            if layout.marker(unit).exists():
+            if layout.store.exists(layout.marker(unit)):
                 scan.add("missing_shard", f"unit {unit} is marked done but data/{name} is missing")
             continue
-        path = layout.data / name
-        shards.append(ShardRef(unit, path, pq.ParquetFile(path).metadata.num_rows))
+        ref = ShardRef(unit, layout.data / name, 0, filesystem)
+        ref.rows = ref.open().metadata.num_rows
+        shards.append(ref)
     return shards
 
 
 def _codec_facts(shards: list[ShardRef], markers: dict[int, dict], scan: Scan) -> CodecInfo | None:
     """From the first shard's metadata (else the first marker); None when no source of truth is left."""
     for ref in shards:
-        meta = pq.read_schema(ref.path).metadata or {}
+        meta = ref.schema().metadata or {}
         if CODEC_KEY in meta:
             return CodecInfo(**json.loads(meta[CODEC_KEY]))
     for marker in markers.values():
@@ -147,7 +161,7 @@ def _check_schemas(shards: list[ShardRef], plan: Plan, scan: Scan) -> None:
     """Same columns and types in every shard, and every shard stamped with the plan's fingerprint."""
     first: pa.Schema | None = None
     for ref in shards:
-        schema = pq.read_schema(ref.path)
+        schema = ref.schema()
         fingerprint = (schema.metadata or {}).get(FINGERPRINT_KEY, b"<none>").decode()
         if fingerprint != plan.fingerprint:
             scan.add("fingerprint", f"{ref.path.name} has fingerprint {fingerprint}, plan.json has {plan.fingerprint}")
@@ -178,7 +192,7 @@ def _check_rows(scan: Scan, markers: dict[int, dict]) -> None:
     seen: dict[tuple[str, int], str] = {}
     duplicates: list[str] = []
     for ref in scan.shards:
-        if not set(_CHECK_COLUMNS) <= set(pq.read_schema(ref.path).names):
+        if not set(_CHECK_COLUMNS) <= set(ref.schema().names):
             continue  # already reported by the schema check
         frames = _check_shard_rows(ref, codec, scan, seen, duplicates)
         counts = markers.get(ref.unit, {}).get("counts")
@@ -196,7 +210,7 @@ def _check_shard_rows(ref: ShardRef, codec: CodecInfo, scan: Scan, seen: dict, d
     """Stream one shard; returns its total frames."""
     findings: dict[str, list[str]] = {}
     frames = 0
-    for batch in pq.ParquetFile(ref.path).iter_batches(batch_size=1024, columns=_CHECK_COLUMNS):
+    for batch in ref.open().iter_batches(batch_size=1024, columns=_CHECK_COLUMNS):
         frames += _check_batch(batch, codec, scan, findings)
         for key in zip(batch.column("id").to_pylist(), batch.column("segment_index").to_pylist()):
             if key in seen:
@@ -267,11 +281,11 @@ def _check_finalized(layout: OutputLayout, scan: Scan) -> None:
     if not scan.plan or len(layout.done_units()) < scan.plan.n_units:
         return  # unfinished: already reported per unit
     for name in ("README.md", "stats.json"):
-        if not (layout.root / name).exists():
+        if not layout.store.exists(layout.root / name):
             scan.add("finalize", f"{name} is missing: the job was not finalized; rerun the tokenize command")
     stats_path = layout.root / "stats.json"
-    if stats_path.exists():
-        stats = json.loads(stats_path.read_text())
+    if layout.store.exists(stats_path):
+        stats = json.loads(layout.store.read_bytes(stats_path))
         if stats.get("rows") != scan.rows:
             scan.add("stats", f"stats.json says {stats.get('rows')} rows, the shards hold {scan.rows}")
 

@@ -2,7 +2,8 @@
 
 Commit protocol (DESIGN.md): temp file in ``.state/tmp`` -> fsync -> rename into ``data/`` -> failure log ->
 done marker with counts, written last. A visible ``.parquet`` is therefore always whole, and a unit without a
-marker is redone on resume (its stray shard is removed first).
+marker is redone on resume (its stray shard is removed first). On an object store the same steps are
+upload-then-marker: the temp file is in a local scratch folder and "rename" is one upload of the whole object.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.layout import FILE_MODE, OutputLayout, atomic_write_bytes, atomic_write_json, fsync_dir
+from pipeline.layout import FILE_MODE, OutputLayout
+from pipeline.stores import json_bytes
 from pipeline.types import EncodedSegment, Failure
 
 # MusicGen / audiocraft ``MusicInfo`` fields get typed columns of their own; every other metadata field goes into
@@ -107,8 +109,8 @@ class UnitWriter:
         self._write_shard(unit, table)
         fault_point("after_rename")
         self._write_failures(unit, failures)
-        atomic_write_json(self.layout.marker(unit), {"unit": unit, "counts": asdict(counts), **marker_extra},
-                          self.layout.tmp)
+        marker = {"unit": unit, "counts": asdict(counts), **marker_extra}
+        self.layout.store.write_atomic(self.layout.marker(unit), json_bytes(marker), self.layout.tmp)
 
     def rows_table(self, rows: list[EncodedSegment]) -> pa.Table:
         """Rows -> a table of the shard schema, sorted by (item index, segment index)."""
@@ -130,22 +132,19 @@ class UnitWriter:
             # Dictionary encoding packs 2048-entry codes into 11-bit indices before zstd.
             pq.write_table(table, tmp, compression=self.compression, compression_level=self.compression_level,
                            use_dictionary=True, row_group_size=4096)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
             fault_point("before_rename")
-            os.replace(tmp, final)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        fsync_dir(final.parent)
+        self.layout.store.publish(Path(tmp), final)  # fsync + rename, or one upload; consumes tmp either way
 
     def _write_failures(self, unit: int, failures: list[Failure]) -> None:
         path = self.layout.failure_log(unit)
         if not failures:
-            path.unlink(missing_ok=True)  # a log left by an earlier attempt of this unit
+            self.layout.store.delete(path)  # a log left by an earlier attempt of this unit
             return
         lines = "".join(json.dumps(asdict(f), ensure_ascii=False) + "\n" for f in failures)
-        atomic_write_bytes(path, lines.encode(), self.layout.tmp)
+        self.layout.store.write_atomic(path, lines.encode(), self.layout.tmp)
 
 
 _FAULT_HITS: dict[str, int] = {}

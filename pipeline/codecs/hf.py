@@ -142,7 +142,12 @@ class TransformersCodec(Codec):
 
     def _compile(self, module: torch.nn.Module) -> Any:
         """``module`` compiled when ``cfg.compile`` applies (CUDA); dynamic=False: one static graph per bucket."""
-        return torch.compile(module, dynamic=False) if self._compiled else module
+        if not self._compiled:
+            return module
+        # Every convolution layer is the same Python code at another shape: with dynamic=False each is one more
+        # compile of it, and past dynamo's default limit (8) the rest silently runs eager (seen on an H200).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+        return torch.compile(module, dynamic=False)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast for the encoder when ``cfg.dtype`` asks for it (CUDA only); never around the RVQ."""

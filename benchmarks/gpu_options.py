@@ -1,0 +1,156 @@
+"""The codec's GPU options, each measured for speed and for token agreement against IEEE fp32, and the batch shape.
+
+    python -m benchmarks.gpu_options [--codec full|tiny|DIR] [--device cuda] [--rows 16] [--out FILE.json]
+
+One process, one batch of ``--rows`` different 30 s music rows (MusicGen's window) at the codec's rate:
+
+- settings: ``codec.tf32=false`` (IEEE fp32, the reference), ``tf32=true`` (the default on CUDA), ``dtype=bfloat16``
+  (autocast encoder, RVQ in IEEE fp32), and each of the last two with ``codec.compile=true``. For each: audio
+  seconds per second (best of ``--iters`` timed encodes after one warm-up; the warm-up's time is the compile
+  time), peak GPU memory, and the codes' agreement with the reference, overall and per codebook (a flip in
+  codebook k changes the residual of every later codebook, so later codebooks agree less).
+- sweep: the default setting at ``--sweep-rows`` rows per batch (``batch.max_audio_s = rows * 30``): throughput and
+  peak memory by batch size, which is what ``batch.max_audio_s`` for a GPU is chosen from.
+
+On CPU it runs too (only the fp32 setting applies: TF32, bf16 and compile are CUDA-only and ignored there). The
+fixture codecs have the real architecture and cost; token agreement on real weights can differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.corpus import machine, music
+from benchmarks.run import resolve_codec
+from pipeline.codecs import load_codec, resolve_device
+from pipeline.config import CodecConfig
+
+SETTINGS = {
+    "fp32": {"tf32": False},
+    "tf32": {"tf32": True},
+    "bf16": {"dtype": "bfloat16"},
+    "tf32+compile": {"tf32": True, "compile": True},
+    "bf16+compile": {"dtype": "bfloat16", "compile": True},
+}
+WINDOW_S = 30.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_options", description=__doc__.split("\n\n")[0])
+    p.add_argument("--codec", default="full", help="full | tiny | save_pretrained dir (default full)")
+    p.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu (default cuda)")
+    p.add_argument("--rows", type=int, default=16, help="rows of 30 s per batch for the settings (default 16)")
+    p.add_argument("--iters", type=int, default=5, help="timed encodes per setting (default 5)")
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {','.join(SETTINGS)}")
+    p.add_argument("--sweep-rows", default="1,4,8,16,32,64", help="rows per batch for the sweep ('' to skip)")
+    p.add_argument("--sweep-setting", default="tf32", help="the setting the sweep runs (default tf32)")
+    p.add_argument("--budget-s", type=float, default=600.0, help="skip what starts after this many seconds")
+    p.add_argument("--out", default=None, help="results JSON (default: print only)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    base = CodecConfig(pretrained=resolve_codec(args.codec), device=str(device), tf32=False)
+    t_start = time.time()
+    result: dict[str, Any] = {"machine": machine(), "codec": base.pretrained, "rows": args.rows, "settings": {},
+                              "sweep": []}
+    sweep_rows = [int(r) for r in args.sweep_rows.split(",") if r]
+    audio = rows_of_music(max([args.rows, *sweep_rows]), base, device)
+    reference = None
+    for name in args.settings.split(","):
+        if time.time() - t_start > args.budget_s:
+            result["settings"][name] = {"skipped": "time budget"}
+            continue
+        cfg = dataclasses.replace(base, **SETTINGS[name])
+        record, codes = measure(cfg, audio[: args.rows], device, args.iters)
+        if reference is None:
+            reference = codes  # the first setting is the reference (fp32 by default)
+        record["agreement"] = agreement(codes, reference)
+        result["settings"][name] = record
+        print(f"[gpu_options] {name}: {record['audio_s_per_s']:.0f} audio s/s, agreement "
+              f"{record['agreement']['all']:.5f} {record['agreement']['per_codebook']}, "
+              f"warm-up {record['warmup_s']:.1f} s, peak {record.get('peak_gpu_allocated_mb', 0):.0f} MB", flush=True)
+    for rows in sweep_rows:
+        if time.time() - t_start > args.budget_s:
+            result["sweep"].append({"rows": rows, "skipped": "time budget"})
+            continue
+        cfg = dataclasses.replace(base, **SETTINGS[args.sweep_setting])
+        try:
+            record, _ = measure(cfg, audio[:rows], device, args.iters)
+        except RuntimeError as e:  # out of memory, or past 32-bit indexing (64 x 30 s rows in EnCodec 32 kHz)
+            record = {"rows": rows, "error": f"{type(e).__name__}: {e}"[:300]}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        record["max_audio_s"] = rows * WINDOW_S
+        result["sweep"].append(record)
+        print(f"[gpu_options] sweep {rows} rows: {record.get('audio_s_per_s', float('nan')):.0f} audio s/s, peak "
+              f"{record.get('peak_gpu_allocated_mb', 0):.0f} MB", flush=True)
+    result["total_s"] = round(time.time() - t_start, 1)
+    text = json.dumps(result, indent=1, default=str)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return 0
+
+
+def rows_of_music(rows: int, cfg: CodecConfig, device: torch.device) -> torch.Tensor:
+    """``[rows, C, 30 s]`` float32 of different music-like audio at the codec's rate, in pinned memory on CUDA."""
+    probe = load_codec(dataclasses.replace(cfg, device="cpu"), torch.device("cpu"))
+    sr, channels = probe.sample_rate, probe.channels
+    del probe
+    # A few distinct clips, cycled with a per-row gain: generating 64 x 30 s of music would take a minute.
+    clips = [music(WINDOW_S, seed, sr, channels) for seed in range(min(rows, 8))]
+    out = np.stack([clips[i % len(clips)] * (0.5 + 0.5 * ((i * 7919) % 97) / 97) for i in range(rows)])
+    audio = torch.from_numpy(out.astype(np.float32))
+    return audio.pin_memory() if device.type == "cuda" else audio
+
+
+def measure(cfg: CodecConfig, audio: torch.Tensor, device: torch.device, iters: int) -> tuple[dict[str, Any], np.ndarray]:
+    """Load the codec with ``cfg``, encode ``audio`` once untimed, then ``iters`` times; keep the fastest."""
+    codec = load_codec(cfg, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.time()
+    codes = codec.encode(audio.to(device, non_blocking=True)).cpu().numpy()
+    warmup = time.time() - t0
+    times = []
+    for _ in range(iters):
+        sync()
+        t0 = time.perf_counter()
+        codec.encode(audio.to(device, non_blocking=True))
+        sync()
+        times.append(time.perf_counter() - t0)
+    audio_s = audio.shape[0] * audio.shape[-1] / codec.sample_rate
+    record: dict[str, Any] = {"rows": audio.shape[0], "fingerprint": {k: v for k, v in codec.fingerprint().items()
+                                                                      if k in ("dtype", "tf32", "compile", "device_kind")},
+                              "warmup_s": warmup, "best_s": min(times), "median_s": float(np.median(times)),
+                              "audio_s_per_s": audio_s / min(times)}
+    if device.type == "cuda":
+        record["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    del codec
+    return record, codes
+
+
+def agreement(codes: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    """Fraction of codes equal to the reference's: all, per codebook, and frames whose every codebook agrees."""
+    same = codes == reference  # [rows, K, T]
+    return {"all": float(same.mean()), "per_codebook": [round(float(same[:, k].mean()), 5) for k in range(same.shape[1])],
+            "frames_all_codebooks": float(same.all(axis=1).mean()), "codes": int(same.size),
+            "distinct_codes_reference": int(len(np.unique(reference)))}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
