@@ -344,7 +344,7 @@ def memory_checks(args: argparse.Namespace, work: Path, files: list[Path], codec
         shutil.rmtree(work / folder, ignore_errors=True)
     long_file = make_long_file(work / "long", args.long_minutes)
     big = replicate(files, work / "big", args.scale)
-    cap = args.max_audio_s if args.max_audio_s is not None else _config_cap()
+    cap = args.max_audio_s if args.max_audio_s is not None else _config_cap(args.device)
     cases = [("corpus", work / "audio", files, []),
              (f"one {args.long_minutes:g}-minute file", work / "long", [long_file], []),
              (f"{args.scale}x corpus", work / "big", big, []),
@@ -358,10 +358,12 @@ def memory_checks(args: argparse.Namespace, work: Path, files: list[Path], codec
     return out
 
 
-def _config_cap() -> float:
+def _config_cap(device: str) -> float:
+    """The ``batch.max_audio_s`` the pipeline uses on ``device`` (``auto`` resolved)."""
     from benchmarks.stages import compose
+    from pipeline.config import resolve_auto
 
-    return compose(["dataset=folder", "dataset.path=."]).batch.max_audio_s
+    return resolve_auto(compose(["dataset=folder", "dataset.path=."]), device).batch.max_audio_s
 
 
 def report(result: dict[str, Any]) -> str:

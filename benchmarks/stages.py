@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import REPO_ROOT, RunConfig, register_configs
+from pipeline.config import REPO_ROOT, RunConfig, register_configs, resolve_auto
 
 
 def compose(overrides: list[str]) -> RunConfig:
@@ -71,6 +71,7 @@ def codec(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(cfg.codec.threads)  # as pipeline.tokenize.run does
     rank, world = _rank()
     device = resolve_device(cfg.codec.device)
+    cfg = resolve_auto(cfg, str(device))  # the batch size the pipeline picks on this device
     start = time.time()
     model = load_codec(cfg.codec, device)
     loaded = time.time()
@@ -113,7 +114,8 @@ def _batches(cfg: RunConfig, model, repeat: int = 1) -> list:
                       SegmentPolicy.from_config(cfg.segment, model.sample_rate))
     # As build_stages: a row is one channel for a mono-input codec, both channels for a stereo-input one.
     rows_per_segment = (2 if cfg.channels == "stereo" else 1) // model.channels
-    batcher = Batcher(BatchPolicy.from_config(cfg.batch, model.sample_rate, rows_per_segment, model.channels))
+    batcher = Batcher(BatchPolicy.from_config(cfg.batch, model.sample_rate, rows_per_segment, model.channels,
+                                              model.max_batch_samples))
     segments = []
     for item in source.list_items():
         results: list = []

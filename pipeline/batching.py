@@ -37,8 +37,12 @@ class BatchPolicy:
     row_channels: int = 1
 
     @staticmethod
-    def from_config(cfg: BatchConfig, sample_rate: int, channels: int, row_channels: int = 1) -> "BatchPolicy":
-        return BatchPolicy(round(cfg.max_audio_s * sample_rate), cfg.max_rows, channels, row_channels)
+    def from_config(cfg: BatchConfig, sample_rate: int, channels: int, row_channels: int = 1,
+                    codec_max_samples: int | None = None) -> "BatchPolicy":
+        """``cfg``'s caps, within the codec's own limit on one encode (``Codec.max_batch_samples``, if any)."""
+        samples = round(cfg.max_audio_s * sample_rate)
+        return BatchPolicy(samples if codec_max_samples is None else min(samples, codec_max_samples),
+                           cfg.max_rows, channels, row_channels)
 
     def rows_for(self, padded_len: int) -> int:
         """Rows in every batch of this bucket: as many as the caps allow, a multiple of ``channels``, at least one segment.

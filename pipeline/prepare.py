@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, Callable
 
-from pipeline.config import RunConfig, decode_workers, logs_dir
+from pipeline.config import RunConfig, logs_dir
 from pipeline.claims import claim_state
 from pipeline.finalize import CodecInfo, finalize
 from pipeline.layout import OutputLayout
@@ -189,15 +189,14 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
     writer = UnitWriter(job.layout, job.plan.n_units, info.num_codebooks, file_meta,
                         cfg.output.compression, cfg.output.compression_level)
     remaining = job.plan.n_items - sum(len(job.plan.unit_range(u)) for u in job.layout.done_units())
-    workers = decode_workers(cfg.decode.workers, codec.device.type, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    log.info("%d decode worker(s) (decode.workers=%s)", workers, cfg.decode.workers)
     return Runner(
         job.plan, job.items, job.layout, codec,
-        DecodePool(spec, workers, cfg.decode.timeout_s,
+        DecodePool(spec, cfg.decode.workers, cfg.decode.timeout_s,
                    # two batches' worth of decoded audio may wait for the codec; beyond that workers pause
                    max_buffered_samples=round(2 * cfg.batch.max_audio_s * codec.sample_rate * 2)),
         Claims(job.layout, cfg.claim_lease_s), writer,
-        BatchPolicy.from_config(cfg.batch, codec.sample_rate, rows_per_segment, codec.channels),
+        BatchPolicy.from_config(cfg.batch, codec.sample_rate, rows_per_segment, codec.channels,
+                                codec.max_batch_samples),
         Progress(max(1, remaining // ranks.world_size), enabled=cfg.progress and ranks.is_main),
         start_unit=ranks.rank * job.plan.n_units // ranks.world_size,
         marker_extra={"fingerprint": job.plan.fingerprint, "codec": info.__dict__, "rank": ranks.rank},

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.config import RunConfig, register_configs
+from pipeline.config import RunConfig, resolve_auto, register_configs
 
 log = logging.getLogger("pipeline.tokenize")
 
@@ -70,6 +70,8 @@ def run(cfg: RunConfig) -> int:
 
     torch.set_num_threads(cfg.codec.threads)
     ranks = setup_ranks(cfg)
+    cfg = resolve_auto(cfg, ranks.device)
+    log.info("batch.max_audio_s=%g, decode.workers=%d on %s", cfg.batch.max_audio_s, cfg.decode.workers, ranks.device)
     # Load the codec before anything is written, so a missing checkpoint stops the run with nothing to undo;
     # skipped when the folder is already complete (a rerun of a finished job does no work).
     codec = None if looks_finished(cfg) else load_codec(cfg.codec, torch.device(ranks.device))

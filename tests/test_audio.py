@@ -307,3 +307,22 @@ def test_probe_duration(tmp_path):
     # libsndfile's 0 frames may mean "size never written", so the probe asks ffmpeg, which knows nothing either.
     assert probe_duration(dummies.write_header_only_wav(tmp_path / "h.wav")) is None
     assert sf.info(str(wav)).frames == round(DURATION_S * 22050)
+
+
+@pytest.mark.parametrize("channels", [2, 3, 6])
+def test_mono_downmix_is_numpy_mean_bit_for_bit(channels):
+    """The fast stereo downmix must give the very floats of ``mean(axis=0)`` (tokens depend on every bit), signed
+    zeros and subnormals included; other channel counts use mean itself."""
+    from pipeline.audio import _apply_channel_policy
+
+    rng = np.random.default_rng(channels)
+    frames = (rng.standard_normal((100_003, channels)) * rng.choice([1e-4, 1.0, 1e4], (100_003, channels)))
+    frames = frames.astype(np.float32)
+    frames[::97] = -0.0
+    frames[1::101, 0] = 0.0
+    frames[2::89] = np.float32(1e-40)  # subnormal
+    samples = frames.T  # soundfile's [n, C] frames seen as [C, n], as the decoder hands them on
+    want = samples.mean(axis=0, keepdims=True)
+    got = _apply_channel_policy(samples, "mono")
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))

@@ -73,3 +73,37 @@ def test_missing_hub_weights_stop_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "codec.pretrained=DIR" in proc.stderr + proc.stdout
     assert not (tmp_path / "out" / ".state").exists() and not (tmp_path / "out" / "data").exists()
+
+
+def test_auto_settings_resolve_per_device():
+    """``auto`` batch size and decode workers become numbers for the device; numbers pass through unchanged."""
+    from pipeline.config import batch_audio_s, decode_workers, resolve_auto
+
+    assert batch_audio_s("auto", "cpu") == 240.0 and batch_audio_s(90, "cuda:0") == 90.0
+    assert decode_workers("auto", "cpu") == 2 and decode_workers(5, "cuda") == 5
+    assert decode_workers("auto", "cuda", local_ranks=1, cores=16) == 14  # all cores but the loop and collector
+    assert decode_workers("auto", "cuda", local_ranks=4, cores=16) == 2  # a node's cores shared by its ranks
+    assert decode_workers("auto", "cuda", local_ranks=8, cores=8) == 1
+    cfg = resolve_auto(compose(["dataset=folder", "dataset.path=.", "decode.workers=3"]), "cpu")
+    assert cfg.batch.max_audio_s == 240.0 and cfg.decode.workers == 3
+    with pytest.raises(ValueError, match="batch.max_audio_s must be auto or a number"):
+        compose(["dataset=folder", "dataset.path=.", "batch.max_audio_s=lots"])
+    with pytest.raises(ValueError, match="decode.workers must be auto or an integer"):
+        compose(["dataset=folder", "dataset.path=.", "decode.workers=-1"])
+
+
+def test_batch_rows_stay_under_the_codecs_32bit_limit(tiny_codec_dir):
+    """A batch cap past what CUDA's 32-bit indexing takes is cut to the codec's limit, not failed batch by batch."""
+    from pipeline.batching import BatchPolicy
+    from pipeline.codecs import load_codec
+    from pipeline.config import BatchConfig, CodecConfig
+
+    codec = load_codec(CodecConfig(pretrained=str(tiny_codec_dir), device="cpu"))
+    width = json.loads((tiny_codec_dir / "config.json").read_text())["num_filters"]
+    assert codec.max_batch_samples == (2**31 - 1) // (2 * width)
+    window = 30 * codec.sample_rate
+    huge = BatchPolicy.from_config(BatchConfig(max_audio_s=7200, max_rows=1000), codec.sample_rate, 1, 1,
+                                   codec.max_batch_samples)
+    assert huge.rows_for(window) * window * 2 * width < 2**31
+    small = BatchPolicy.from_config(BatchConfig(max_audio_s=240), codec.sample_rate, 1, 1, codec.max_batch_samples)
+    assert small.rows_for(window) == 8  # an ordinary cap is untouched

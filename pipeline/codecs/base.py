@@ -28,6 +28,9 @@ class Codec(abc.ABC):
     hop_length: int
     num_codebooks: int
     cardinality: int
+    # Most samples (rows x row channels x length) one encode may take, or None for no limit: CUDA kernels index
+    # with 32 bits, so a convolution's [rows, width, length] activation must stay under 2**31 elements.
+    max_batch_samples: int | None = None
 
     @property
     def frame_rate(self) -> float:

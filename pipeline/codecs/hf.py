@@ -72,6 +72,11 @@ class TransformersCodec(Codec):
         self._bf16 = cuda and cfg.dtype == "bfloat16"
         self._tf32 = cuda and cfg.tf32
         self._compiled = cuda and cfg.compile
+        # The widest full-rate activation is the first convolution's output: ``width`` channels per input sample
+        # (64 for EnCodec 32 kHz: 64 x 30 s rows fail with "input tensor must fit into 32-bit index math", seen on
+        # an H200). CPU kernels index with 64 bits, but no CPU batch comes near this.
+        width = getattr(model.config, "num_filters", None) or getattr(model.config, "encoder_hidden_size", None) or 64
+        self.max_batch_samples = (2**31 - 1) // (2 * width)  # x2: the reflect padding and rounding of the convs
 
     @classmethod
     def load(cls, cfg: CodecConfig, device: torch.device) -> TransformersCodec:
