@@ -36,7 +36,7 @@ from benchmarks.corpus import audio_seconds, machine, make_corpus, make_long_fil
 from benchmarks.measure import run_measured
 from pipeline.config import REPO_ROOT
 
-STAGES = ("naive", "codec", "pipeline")
+STAGES = ("naive", "codec", "pipeline", "host")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,7 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for the codec and pipeline stages (repeatable), e.g. "
                         "--set codec.dtype=bfloat16 --set codec.compile=true")
-    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of naive,codec,pipeline, or none")
+    p.add_argument("--stages", default="naive,codec,pipeline",
+                   help="comma-separated subset of naive,codec,pipeline,host, or none (default: the first three). "
+                        "host: the pipeline with an instant codec, what decode + transfer + batching can feed a GPU")
     p.add_argument("--repeat", type=int, default=1, help="run the stages this many times, keep each one's fastest")
     p.add_argument("--memory", action="store_true",
                    help="also measure the pipeline's peak memory on one long file, a --scale times larger "
@@ -229,8 +231,9 @@ def measure_stage(stage: str, args: argparse.Namespace, work: Path, files: list[
     timed = record["end"] - record["start"]
     record.update(timed_s=timed, audio_s_per_s=audio_s / timed, rtf=timed / audio_s,
                   audio_s_per_cpu_s=audio_s / record["work_cpu_s"])
-    if stage == "pipeline":
+    if stage in ("pipeline", "host"):
         record["stats"] = _pipeline_stats(out)
+        record["rank_loop"] = _rank_loop(work / f"{label}.log")
     print(f"[bench] {label}: {audio_s / timed:.2f} audio s/s, peak RSS {m.peak_rss_mb:.0f} MB", flush=True)
     return record
 
@@ -248,6 +251,14 @@ def merge_ranks(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     if len(ranks) > 1:
         merged["rank_spans_s"] = [round(r["end"] - r["start"], 2) for r in ranks]  # unequal: ranks waited
     return merged
+
+
+def _rank_loop(log: Path) -> str | None:
+    """The run summary's ``this rank`` line: the loop's own rate (start-up excluded) and where its time went."""
+    try:
+        return next((line.strip() for line in log.read_text().splitlines() if line.startswith("this rank")), None)
+    except OSError:
+        return None
 
 
 def _pipeline_stats(out: Path) -> dict[str, Any]:
@@ -278,7 +289,7 @@ def ratios(stages: dict[str, dict[str, Any]]) -> dict[str, float | None]:
             else None
 
     return {"pipeline_over_naive": ratio("pipeline", "naive"), "pipeline_over_codec": ratio("pipeline", "codec"),
-            "codec_over_naive": ratio("codec", "naive"),
+            "codec_over_naive": ratio("codec", "naive"), "host_over_codec": ratio("host", "codec"),
             # The same in audio seconds per CPU second: efficiency, less sensitive to other load on the machine.
             "pipeline_over_codec_cpu": cpu_ratio("pipeline", "codec"),
             "pipeline_over_naive_cpu": cpu_ratio("pipeline", "naive")}
@@ -385,6 +396,7 @@ def report(result: dict[str, Any]) -> str:
         gpu = f"  GPU {r['peak_gpu_allocated_mb']:.0f} MB" if "peak_gpu_allocated_mb" in r else ""
         lines.append(f"{name[:41]:<42}{r['audio_s_per_s']:>10.2f}{r['rtf']:>8.3f}{r['timed_s']:>9.1f}"
                      f"{r['cpu_s']:>8.1f}{r['peak_rss_mb']:>8.0f}MB{r['peak_tree_rss_mb']:>8.0f}MB{pss:>8.0f}MB{gpu}")
+    lines += [f"{r['label']}: {r['rank_loop']}" for r in rows if r.get("rank_loop")]
     lines.append("")
     for name, value in result.get("ratios", {}).items():
         lines.append(f"{name}: {'n/a' if value is None else f'{value:.2f}'}")

@@ -137,7 +137,7 @@ def _encode(model, batch, device) -> None:
     model.encode(audio).cpu()  # .cpu() waits for the GPU
 
 
-def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
+def pipeline_stage(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers  # noqa: F401 - imported before the clock, as in the other stages
 
@@ -151,6 +151,23 @@ def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
                           (cfg.codec.device == "auto" and torch.cuda.is_available()) else "cpu")
     return {"start": start, "end": end, "work_cpu_s": work_cpu, "exit_code": code, "threads": torch.get_num_threads(),
             **_gpu_memory(device)}
+
+
+def host(spec: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline with an instant codec (codes of zeros, the right shape): everything but the encoder, i.e. the
+    decode, transfer, batching and commit the host must keep up with. Its audio s/s is the most a GPU can be fed."""
+    import torch
+
+    import pipeline.runner
+    from pipeline.encode import LaunchedBatch
+
+    def instant(codec, batch):
+        frames = codec.n_frames(batch.padded_len)
+        batch.fill(torch.empty((batch.rows, batch.row_channels, batch.padded_len)).numpy())  # the copy stays
+        return LaunchedBatch(batch, torch.zeros((batch.rows, codec.num_codebooks, frames), dtype=torch.int64), None)
+
+    pipeline.runner.launch_batch = instant
+    return pipeline_stage(spec)
 
 
 def _cpu() -> float:
@@ -196,7 +213,7 @@ def _gpu_memory(device) -> dict[str, Any]:
             "peak_gpu_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
 
 
-STAGES = {"naive": naive, "codec": codec, "pipeline": pipeline}
+STAGES = {"naive": naive, "codec": codec, "pipeline": pipeline_stage, "host": host}
 
 
 def main(argv: list[str]) -> int:

@@ -89,13 +89,16 @@ class RankStats:
     starved_s: float = 0.0
     # Seconds writing and committing shards.
     commit_s: float = 0.0
+    # Seconds with no batch on the codec (after the first launch): on CUDA the GPU's idle time, the host-side
+    # loss; on CPU, where encoding is synchronous, everything outside encode.
+    codec_idle_s: float = 0.0
     wall_s: float = 0.0
 
     def timing(self) -> str:
-        """One line: where the loop's time went, e.g. ``encode 91% (412 batches), starved 3%, commit 2%``."""
+        """One line: where the loop's time went, e.g. ``encode 91% (412 batches), starved 3%, commit 2%, ...``."""
         wall = max(self.wall_s, 1e-9)
         return (f"encode {self.encode_s / wall:.0%} ({self.batches} batches), starved {self.starved_s / wall:.0%}, "
-                f"commit {self.commit_s / wall:.0%} of {self.wall_s:.1f} s")
+                f"commit {self.commit_s / wall:.0%}, codec idle {self.codec_idle_s / wall:.0%} of {self.wall_s:.1f} s")
 
 
 class Runner:
@@ -118,6 +121,7 @@ class Runner:
         self.ready: collections.deque[Batch] = collections.deque()
         # At most one batch queued on the device and not collected yet (CUDA runs it while the host works).
         self.launched: LaunchedBatch | None = None
+        self._idle_since: float | None = None  # when the codec last ran out of work
         self.no_more_units = False
         self.stats = RankStats()
         self._stop_signal: int | None = None
@@ -212,6 +216,8 @@ class Runner:
     def _encode(self, batch: Batch) -> None:
         """Launch ``batch`` on the codec, then collect the one launched before it (one-deep pipeline)."""
         t0 = time.monotonic()
+        if self.launched is None and self._idle_since is not None:
+            self.stats.codec_idle_s += t0 - self._idle_since
         try:
             launched = launch_batch(self.codec, batch)
         except Exception as e:  # noqa: BLE001 - a batch that cannot be encoded fails its items, not the run
@@ -221,6 +227,10 @@ class Runner:
         if self.launched is not None:
             self._collect()
         self.launched = launched
+        if launched is None:
+            self._idle_since = time.monotonic()
+        elif launched.ready is None:  # CPU: encoded already, nothing to overlap: take its rows now
+            self._collect()
 
     def _collect(self) -> None:
         launched, self.launched = self.launched, None
@@ -232,6 +242,9 @@ class Runner:
             return
         finally:
             self.stats.encode_s += time.monotonic() - t0
+            # Idle from here unless _encode launched the next batch before collecting this one; idle time is
+            # only counted at a launch that finds nothing on the codec.
+            self._idle_since = time.monotonic()
         self.stats.batches += 1
         for row in encoded:
             unit = self.open[row.unit]

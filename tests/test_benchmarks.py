@@ -23,14 +23,15 @@ def test_benchmark_writes_every_field(tmp_path: Path, tiny_codec_dir: Path) -> N
     out = tmp_path / "result.json"
     cmd = [sys.executable, "-m", "benchmarks.run", "--minutes", "0.2", "--min-s", "3", "--max-s", "6",
            "--codec", str(tiny_codec_dir), "--device", "cpu", "--out", str(out), "--work", str(tmp_path / "work"),
-           "--set", "segment.length_s=5", "--max-audio-s", "20", "--workers", "1"]
+           "--set", "segment.length_s=5", "--max-audio-s", "20", "--workers", "1",
+           "--stages", "naive,codec,pipeline,host"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
 
     assert result["ok"] and result["machine"]["cores"] >= 1 and result["machine"]["torch"]
     assert result["corpus"]["files"] >= 2 and _positive(result["corpus"]["audio_s"])
-    assert set(result["stages"]) == {"naive", "codec", "pipeline"}
+    assert set(result["stages"]) == {"naive", "codec", "pipeline", "host"}
     for name, stage in result["stages"].items():
         for field in STAGE_FIELDS:
             assert _positive(stage[field]), (name, field, stage.get(field))
@@ -42,6 +43,10 @@ def test_benchmark_writes_every_field(tmp_path: Path, tiny_codec_dir: Path) -> N
     assert pipeline["processes"] >= 2  # the main process and its decode worker were both sampled
     assert pipeline["stats"]["failed"] == 0 and pipeline["stats"]["ok"] == result["corpus"]["files"]
     assert math.isclose(pipeline["stats"]["audio_s"], result["corpus"]["audio_s"], rel_tol=1e-3)
+    # The host stage (instant codec) makes the same rows from the same audio, and both report their loop.
+    host = result["stages"]["host"]
+    assert host["stats"]["rows"] == pipeline["stats"]["rows"] and host["stats"]["ok"] == pipeline["stats"]["ok"]
+    assert pipeline["rank_loop"].startswith("this rank") and "codec idle" in host["rank_loop"]
     codec = result["stages"]["codec"]
     assert codec["batches"] >= 1 and codec["padded_audio_s"] >= codec["segment_audio_s"] > 0
 
