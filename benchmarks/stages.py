@@ -68,10 +68,10 @@ def codec(spec: dict[str, Any]) -> dict[str, Any]:
     from pipeline.codecs import load_codec, resolve_device
 
     cfg = compose(spec["overrides"])
-    torch.set_num_threads(cfg.codec.threads)  # as pipeline.tokenize.run does
     rank, world = _rank()
     device = resolve_device(cfg.codec.device)
-    cfg = resolve_auto(cfg, str(device))  # the batch size the pipeline picks on this device
+    cfg = resolve_auto(cfg, str(device))  # the batch size and threads the pipeline picks on this device
+    torch.set_num_threads(cfg.codec.threads)  # as pipeline.tokenize.run does
     start = time.time()
     model = load_codec(cfg.codec, device)
     loaded = time.time()

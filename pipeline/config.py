@@ -77,8 +77,10 @@ class CodecConfig:
     compile: bool = False
     # CPU backend: torch or onnx (ONNX Runtime, one exported graph per bucket length).
     backend: str = "torch"
-    # Intra-op threads for the codec on CPU; changes float reduction order, hence in the fingerprint.
-    threads: int = 1
+    # Intra-op threads for the codec on CPU; changes float reduction order, hence in the fingerprint. 1 (the
+    # default) gives the same tokens whatever the launch; auto takes this rank's share of the cores
+    # (``codec_threads``), so a resume with another number of ranks per node is refused as a changed job.
+    threads: Any = 1
 
 
 @dataclass
@@ -181,7 +183,8 @@ class RunConfig:
             (self.segment.min_s >= 0, "segment.min_s must be >= 0"),
             (self.channels in ("mono", "stereo"), f"channels must be mono or stereo, got {self.channels}"),
             (self.codec.dtype in ("float32", "bfloat16"), f"codec.dtype must be float32 or bfloat16, got {self.codec.dtype}"),
-            (self.codec.threads >= 1, "codec.threads must be >= 1"),
+            (self.codec.threads == "auto" or (isinstance(self.codec.threads, int) and self.codec.threads >= 1),
+             f"codec.threads must be auto or an integer >= 1, got {self.codec.threads!r}"),
             (self.output.unit_size >= 1, "output.unit_size must be >= 1"),
             (self.output.mode in ("resume", "overwrite"), "output.mode must be resume or overwrite"),
             (self.batch.max_rows >= 1, "batch.max_rows must be >= 1"),
@@ -208,26 +211,46 @@ def resolve_auto(cfg: "RunConfig", device: str) -> "RunConfig":
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     batch = dataclasses.replace(cfg.batch, max_audio_s=batch_audio_s(cfg.batch.max_audio_s, device))
     decode = dataclasses.replace(cfg.decode, workers=decode_workers(cfg.decode.workers, device_type, local_ranks))
-    return dataclasses.replace(cfg, batch=batch, decode=decode)
+    codec = dataclasses.replace(cfg.codec, threads=codec_threads(cfg.codec.threads, device_type, local_ranks))
+    return dataclasses.replace(cfg, batch=batch, decode=decode, codec=codec)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def codec_threads(setting: Any, device_type: str, local_ranks: int = 1, cores: int | None = None) -> int:
+    """``codec.threads``: ``setting`` itself, or for ``auto`` this rank's share of the cores on CPU (the encoder is
+    the whole cost there; the naive loop's torch default uses them all too), 1 on CUDA (the host's torch work is
+    copies)."""
+    if setting != "auto":
+        return int(setting)
+    if device_type == "cuda":
+        return 1
+    return max(1, (cores or _cores()) // max(1, local_ranks))
 
 
 def batch_audio_s(setting: Any, device: str) -> float:
     """``batch.max_audio_s``: ``setting`` itself, or for ``auto`` the batch that suits the device.
 
-    CPU: 240 s (8 rows of 30 s; more rows buy ~16% per row with torch and cost memory, measured). CUDA: as large as
-    memory allows, up to 960 s (32 rows): on an H200 with EnCodec 32 kHz (TF32) 8 rows ran at 2784 audio s/s, 16 at
-    3843, 32 at 4838, with ~40 MB of GPU memory per padded audio second (38 GB at 960 s); auto keeps that estimate
-    under 60% of the card (960 s from 64 GB, 480 s from 32 GB, else 240 s). Tuned on EnCodec 32 kHz: for codecs
-    with a higher rate or stereo input, check the peak (``benchmarks.gpu_options``) or set a number.
+    CUDA: as large as memory allows, up to 960 s (32 rows of 30 s): on an H200 with EnCodec 32 kHz (TF32) 8 rows
+    ran at 2784 audio s/s, 16 at 3843, 32 at 4838, with ~40 MB of GPU memory per padded audio second (38 GB at
+    960 s); auto keeps that estimate under 60% of the card (960 s from 64 GB, 480 s from 32 GB, else 240 s).
+    CPU: 30 s, one row. 4-row batches cost 16% (torch) to 29% (ONNX Runtime) less per row when full, but a process
+    needs about 1 GB + 35 MB per batch second (2.0 GB at 30 s, 5.1 GB at 120 s, 9.3 GB at 240 s, measured), the
+    fastest CPU layout is one process per core, and one row is never a part-empty batch. The CPU choice must not
+    depend on the launch (rows per batch are in the fingerprint, and a resume may use another number of ranks).
+    Tuned on EnCodec 32 kHz: for codecs with a higher rate or stereo input, check the peak (``benchmarks``) or set
+    a number.
     """
     if setting != "auto":
         return float(setting)
-    if not device.startswith("cuda"):
-        return 240.0
-    import torch
+    if device.startswith("cuda"):
+        import torch
 
-    memory_gb = torch.cuda.get_device_properties(torch.device(device)).total_memory / 1e9
-    return next((s for s in (960.0, 480.0) if s * 0.040 <= 0.6 * memory_gb), 240.0)
+        memory_gb = torch.cuda.get_device_properties(torch.device(device)).total_memory / 1e9
+        return next((s for s in (960.0, 480.0) if s * 0.040 <= 0.6 * memory_gb), 240.0)
+    return 30.0
 
 
 def decode_workers(setting: Any, device_type: str, local_ranks: int = 1, cores: int | None = None) -> int:
@@ -248,9 +271,7 @@ def decode_workers(setting: Any, device_type: str, local_ranks: int = 1, cores: 
         return int(setting)
     if device_type != "cuda":
         return 2
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(32, cores // max(1, local_ranks) - 2))
+    return max(1, min(32, (cores or _cores()) // max(1, local_ranks) - 2))
 
 
 def register_configs() -> None:

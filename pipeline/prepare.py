@@ -181,23 +181,28 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
     # A batch row is what one encode call takes: one channel for a mono-input codec, both for a stereo one.
     rows_per_segment = (2 if cfg.channels == "stereo" else 1) // codec.channels
     info = codec_info(cfg.codec.pretrained, cfg.codec.family, codec, cfg.channels)
-    spec = DecodeSpec(job.source, codec.sample_rate, cfg.channels, cfg.decode.resample_quality,
-                      SegmentPolicy.from_config(cfg.segment, codec.sample_rate))
+    segments = SegmentPolicy.from_config(cfg.segment, codec.sample_rate)
+    spec = DecodeSpec(job.source, codec.sample_rate, cfg.channels, cfg.decode.resample_quality, segments)
     file_meta = {"pipeline.fingerprint": job.plan.fingerprint,
                  "pipeline.fingerprint_detail": json.dumps(job.plan.fingerprint_detail, sort_keys=True),
                  "pipeline.codec": json.dumps(info.__dict__), "pipeline.codec_model": json.dumps(codec.fingerprint(), default=str)}
     writer = UnitWriter(job.layout, job.plan.n_units, info.num_codebooks, file_meta,
                         cfg.output.compression, cfg.output.compression_level)
     remaining = job.plan.n_items - sum(len(job.plan.unit_range(u)) for u in job.layout.done_units())
+    batches = BatchPolicy.from_config(cfg.batch, codec.sample_rate, rows_per_segment, codec.channels,
+                                      codec.max_batch_samples)
+    # Units waiting on a partial batch are normal while it fills: up to a full batch of them (one segment each)
+    # before one is encoded part-empty (a fixed 4 made 8-row batches go out half full, measured).
+    max_waiting = max(4, batches.rows_for(segments.length) // rows_per_segment)
     return Runner(
         job.plan, job.items, job.layout, codec,
         DecodePool(spec, cfg.decode.workers, cfg.decode.timeout_s,
                    # two batches' worth of decoded audio may wait for the codec; beyond that workers pause
                    max_buffered_samples=round(2 * cfg.batch.max_audio_s * codec.sample_rate * 2)),
         Claims(job.layout, cfg.claim_lease_s), writer,
-        BatchPolicy.from_config(cfg.batch, codec.sample_rate, rows_per_segment, codec.channels,
-                                codec.max_batch_samples),
+        batches,
         Progress(max(1, remaining // ranks.world_size), enabled=cfg.progress and ranks.is_main),
         start_unit=ranks.rank * job.plan.n_units // ranks.world_size,
         marker_extra={"fingerprint": job.plan.fingerprint, "codec": info.__dict__, "rank": ranks.rank},
+        max_waiting_units=max_waiting,
     )

@@ -68,10 +68,11 @@ def run(cfg: RunConfig) -> int:
     from pipeline.prepare import build_stages, looks_finished, prepare
     from pipeline.summary import print_summary
 
-    torch.set_num_threads(cfg.codec.threads)
     ranks = setup_ranks(cfg)
     cfg = resolve_auto(cfg, ranks.device)
-    log.info("batch.max_audio_s=%g, decode.workers=%d on %s", cfg.batch.max_audio_s, cfg.decode.workers, ranks.device)
+    torch.set_num_threads(cfg.codec.threads)
+    log.info("on %s: batch.max_audio_s=%g, decode.workers=%d, codec.threads=%d", ranks.device,
+             cfg.batch.max_audio_s, cfg.decode.workers, cfg.codec.threads)
     # Load the codec before anything is written, so a missing checkpoint stops the run with nothing to undo;
     # skipped when the folder is already complete (a rerun of a finished job does no work).
     codec = None if looks_finished(cfg) else load_codec(cfg.codec, torch.device(ranks.device))

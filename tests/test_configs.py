@@ -77,15 +77,20 @@ def test_missing_hub_weights_stop_before_any_work(tmp_path):
 
 def test_auto_settings_resolve_per_device():
     """``auto`` batch size and decode workers become numbers for the device; numbers pass through unchanged."""
-    from pipeline.config import batch_audio_s, decode_workers, resolve_auto
+    from pipeline.config import batch_audio_s, codec_threads, decode_workers, resolve_auto
 
-    assert batch_audio_s("auto", "cpu") == 240.0 and batch_audio_s(90, "cuda:0") == 90.0
+    assert batch_audio_s("auto", "cpu") == 30.0 and batch_audio_s(90, "cuda:0") == 90.0
+    assert codec_threads("auto", "cpu", local_ranks=2, cores=16) == 8 and codec_threads("auto", "cuda") == 1
+    assert codec_threads("auto", "cpu", local_ranks=32, cores=16) == 1 and codec_threads(3, "cpu") == 3
     assert decode_workers("auto", "cpu") == 2 and decode_workers(5, "cuda") == 5
     assert decode_workers("auto", "cuda", local_ranks=1, cores=16) == 14  # all cores but the loop and collector
     assert decode_workers("auto", "cuda", local_ranks=4, cores=16) == 2  # a node's cores shared by its ranks
     assert decode_workers("auto", "cuda", local_ranks=8, cores=8) == 1
     cfg = resolve_auto(compose(["dataset=folder", "dataset.path=.", "decode.workers=3"]), "cpu")
-    assert cfg.batch.max_audio_s == 240.0 and cfg.decode.workers == 3
+    assert cfg.batch.max_audio_s == batch_audio_s("auto", "cpu") and cfg.decode.workers == 3
+    assert cfg.codec.threads == 1  # the default: the same tokens whatever the launch
+    assert resolve_auto(compose(["dataset=folder", "dataset.path=.", "codec.threads=auto"]), "cpu").codec.threads \
+        == codec_threads("auto", "cpu") >= 1
     with pytest.raises(ValueError, match="batch.max_audio_s must be auto or a number"):
         compose(["dataset=folder", "dataset.path=.", "batch.max_audio_s=lots"])
     with pytest.raises(ValueError, match="decode.workers must be auto or an integer"):

@@ -12,6 +12,7 @@ from transformers import EncodecModel
 from helpers import base_overrides, compose, frames_for, make_corpus, read_rows
 from pipeline.audio import decode_audio
 from pipeline.batching import BatchPolicy
+from pipeline.config import resolve_auto
 from pipeline.segment import SegmentPolicy
 from pipeline.tokenize import run
 
@@ -142,7 +143,7 @@ def test_token_identity_with_encodec_encode(tokenized, corpus, tiny_codec_dir):
     model = EncodecModel.from_pretrained(tiny_codec_dir).eval()
     policy = SegmentPolicy.from_config(cfg.segment, 32000)
     batch_policy = BatchPolicy.from_config(cfg.batch, 32000, 1)
-    torch.set_num_threads(cfg.codec.threads)
+    torch.set_num_threads(resolve_auto(cfg, "cpu").codec.threads)
     for i, ((item, seg), row) in enumerate(sorted(read_rows(out).items())):
         audio = decode_audio(str(corpus / item), target_sr=32000)
         start = round(row["start_s"] * 32000)

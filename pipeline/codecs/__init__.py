@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import torch
 
 from pipeline.codecs.base import Codec
-from pipeline.config import CodecConfig
+from pipeline.config import CodecConfig, codec_threads
 
 __all__ = ["Codec", "load_codec", "resolve_device"]
 
@@ -38,6 +39,8 @@ def load_codec(cfg: CodecConfig, device: torch.device | None = None) -> Codec:
     if cfg.family not in _CLASSES:
         raise ValueError(f"unknown codec.family={cfg.family!r}; known: {', '.join(FAMILIES)}")
     device = resolve_device(cfg.device) if device is None else device
+    # A run resolves ``auto`` before this (``config.resolve_auto``); tools that build a CodecConfig directly too.
+    cfg = dataclasses.replace(cfg, threads=codec_threads(cfg.threads, device.type))
     if cfg.backend == "onnx":
         from pipeline.codecs.onnx_backend import OnnxEncodecCodec
 
