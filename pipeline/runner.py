@@ -190,8 +190,9 @@ class Runner:
             return None
         unit = self.claims.claim_next(self.plan.n_units, self.start_unit)
         if unit is None:
+            # Not a reason to flush yet: items still decoding may fill the partial batches (flushing here sent
+            # one part-empty batch per job, measured); _maybe_flush flushes once the pool is drained.
             self.no_more_units = True
-            self.ready.extend(self.batcher.flush())  # nothing else will fill the partial batches
             return None
         items = [self.items[i] for i in self.plan.unit_range(unit)]
         kept = load_kept(self.layout, unit, items)
