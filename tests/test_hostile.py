@@ -325,3 +325,38 @@ def test_retry_interrupted_after_shard_rename_finishes_on_rerun(tmp_path, tiny_c
     for key, row in before.items():
         np.testing.assert_array_equal(after[key]["codes"], row["codes"])
     assert not list((out / ".state/retry").glob("unit-*"))
+
+
+def test_worker_messages_round_trip_and_fail_cleanly_when_cut():
+    """The worker->parent framing: arrays (contiguous, strided, empty) come back equal and writable; a writer that
+    dies mid-message reads as EOF (the pool then fails the item it was running), never as a wrong message."""
+    import pickle
+    import socket
+    import struct
+    import threading
+
+    from pipeline.workers import recv_message, send_message
+
+    a, b = socket.socketpair()
+    audio = np.arange(2 * 48_000, dtype=np.float32).reshape(2, -1)
+    msg = ("part", 7, {"c": audio, "strided": audio[:, ::3], "empty": np.zeros((1, 0), np.float32), "n": 3})
+    try:
+        writer = threading.Thread(target=send_message, args=(a.fileno(), msg))  # > a socket buffer: write blocks
+        writer.start()
+        kind, seq, payload = recv_message(b.fileno())
+        writer.join()
+        assert (kind, seq, payload["n"]) == ("part", 7, 3)
+        for key in ("c", "strided", "empty"):
+            assert np.array_equal(payload[key], msg[2][key]) and payload[key].dtype == np.float32
+        payload["c"][0, 0] = -1.0  # the parent may use the arrays as its own
+        # A message cut short: its frame, pickle and the first 100 bytes of its audio, then the writer is gone.
+        buffers: list = []
+        head = pickle.dumps(("part", 8, audio[:, :1000].copy()), protocol=5, buffer_callback=buffers.append)
+        raw = buffers[0].raw()
+        a.sendall(struct.pack("<II", len(head), 1) + struct.pack("<Q", raw.nbytes) + head + bytes(raw[:100]))
+        a.close()
+        with pytest.raises(EOFError):
+            recv_message(b.fileno())
+    finally:
+        a.close()
+        b.close()
