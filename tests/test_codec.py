@@ -23,6 +23,7 @@ K = 4
 FINGERPRINT_KEYS = {
     "family", "pretrained", "revision", "commit", "weights_sha256", "bandwidth", "num_codebooks", "cardinality",
     "sample_rate", "channels", "hop", "dtype", "tf32", "compile", "torch", "transformers", "device_kind", "threads",
+    "attn_implementation",
 }  # fmt: skip
 
 

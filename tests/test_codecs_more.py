@@ -27,6 +27,7 @@ from pipeline.tokenize import run
 FINGERPRINT_KEYS = {
     "family", "pretrained", "revision", "commit", "weights_sha256", "bandwidth", "num_codebooks", "cardinality",
     "sample_rate", "channels", "hop", "dtype", "tf32", "compile", "torch", "transformers", "device_kind", "threads",
+    "attn_implementation",
 }  # fmt: skip
 # EnCodec 48 kHz chunking: 1 s chunks every 0.99 s.
 CHUNK, STRIDE = 48_000, 47_520
@@ -96,6 +97,7 @@ def test_layout_and_fingerprint(variant: str, family: str, layout: tuple) -> Non
     assert set(fingerprint) == FINGERPRINT_KEYS  # one schema whatever the family, so plans compare
     assert (fingerprint["family"], fingerprint["hop"], fingerprint["num_codebooks"]) == (family, layout[2], layout[3])
     assert fingerprint["bandwidth"] == (1.5 if family == "encodec" else None)
+    assert (fingerprint["attn_implementation"] is None) == (family != "mimi")  # Mimi's transformers only
 
 
 # ---------------------------------------------------------------------------------------------------------- DAC

@@ -62,6 +62,9 @@ class TransformersCodec(Codec):
     model_type: ClassVar[str]
     # Only EnCodec has bandwidths; the fingerprint reports None for the others.
     bandwidth: float | None = None
+    # Mimi has transformer layers: their attention kernel (sdpa or eager, transformers' choice at load) rounds
+    # differently, so it is in the fingerprint; None for the purely convolutional codecs.
+    has_attention: ClassVar[bool] = False
 
     def __init__(self, model: PreTrainedModel, cfg: CodecConfig, device: torch.device, provenance: dict[str, Any]):
         self.model = model
@@ -131,6 +134,8 @@ class TransformersCodec(Codec):
             "device_kind": device_kind(self._device),
             # Intra-op threads change CPU reduction order; on CUDA they do not touch the numerics.
             "threads": torch.get_num_threads() if cpu else None,
+            "attn_implementation": getattr(self.model.config, "_attn_implementation", None)
+            if self.has_attention else None,
         }
 
     def _check_audio(self, audio: torch.Tensor) -> None:

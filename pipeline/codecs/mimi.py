@@ -30,6 +30,7 @@ class MimiCodec(TransformersCodec):
     label = "Mimi"
     model_class = MimiModel
     model_type = "mimi"
+    has_attention = True
 
     def __init__(self, model: MimiModel, cfg: CodecConfig, device: torch.device, provenance: dict[str, Any]):
         super().__init__(model, cfg, device, provenance)
