@@ -45,6 +45,10 @@ class LaunchedBatch:
     scales: torch.Tensor | None
     ready: torch.cuda.Event | None = None
 
+    def done(self) -> bool:
+        """True once the codes are on the host (collecting then does not wait)."""
+        return self.ready is None or self.ready.query()
+
 
 def launch_batch(codec: Codec, batch: Batch) -> LaunchedBatch:
     """Queue one batch's encode (CUDA: asynchronous; CPU: runs now). Collect it with ``collect_batch``."""

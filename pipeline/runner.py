@@ -145,8 +145,10 @@ class Runner:
                 self._poll(timeout=0.005 if self.ready or self.launched else 0.1)
             if self.ready:
                 self._encode(self.ready.popleft())
-            elif self.launched is not None:
-                self._collect()  # nothing to queue behind it: finish it so its units can commit
+            elif self.launched is not None and self.launched.done():
+                # Nothing to queue behind it: take its rows so its units can commit. Until it is done, keep
+                # polling (the next batch may fill meanwhile) rather than block on the device.
+                self._collect()
             self._maybe_flush()
             self._commit_complete()
             if self.no_more_units and not self.open and self.pool.outstanding == 0:
