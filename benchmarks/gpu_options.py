@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def rows_of_music(rows: int, cfg: CodecConfig, device: torch.device) -> torch.Tensor:
     """``[rows, C, 30 s]`` float32 of different music-like audio at the codec's rate, in pinned memory on CUDA."""
-    probe = load_codec(dataclasses.replace(cfg, device="cpu"), torch.device("cpu"))
-    sr, channels = probe.sample_rate, probe.channels
-    del probe
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.pretrained)  # rate and channels, without loading the weights
+    sr, channels = int(config.sampling_rate), int(getattr(config, "audio_channels", 1))
     # A few distinct clips, cycled with a per-row gain: generating 64 x 30 s of music would take a minute.
     clips = [music(WINDOW_S, seed, sr, channels) for seed in range(min(rows, 8))]
     out = np.stack([clips[i % len(clips)] * (0.5 + 0.5 * ((i * 7919) % 97) / 97) for i in range(rows)])

@@ -112,10 +112,7 @@ def _batches(cfg: RunConfig, model, repeat: int = 1) -> list:
     source = build_source(cfg.dataset)
     spec = DecodeSpec(source, model.sample_rate, cfg.channels, cfg.decode.resample_quality,
                       SegmentPolicy.from_config(cfg.segment, model.sample_rate))
-    # As build_stages: a row is one channel for a mono-input codec, both channels for a stereo-input one.
-    rows_per_segment = (2 if cfg.channels == "stereo" else 1) // model.channels
-    batcher = Batcher(BatchPolicy.from_config(cfg.batch, model.sample_rate, rows_per_segment, model.channels,
-                                              model.max_batch_samples))
+    batcher = Batcher(BatchPolicy.for_codec(cfg.batch, cfg.channels, model))  # as build_stages
     segments = []
     for item in source.list_items():
         results: list = []

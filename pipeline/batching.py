@@ -44,6 +44,14 @@ class BatchPolicy:
         return BatchPolicy(samples if codec_max_samples is None else min(samples, codec_max_samples),
                            cfg.max_rows, channels, row_channels)
 
+    @staticmethod
+    def for_codec(cfg: BatchConfig, channels: str, codec) -> "BatchPolicy":
+        """The policy a run uses with ``codec`` (a ``Codec``) and channel policy ``channels``: a row is one channel
+        for a mono-input codec (stereo segments take two rows), a whole segment for a stereo-input one."""
+        rows_per_segment = (2 if channels == "stereo" else 1) // codec.channels
+        return BatchPolicy.from_config(cfg, codec.sample_rate, rows_per_segment, codec.channels,
+                                       codec.max_batch_samples)
+
     def rows_for(self, padded_len: int) -> int:
         """Rows in every batch of this bucket: as many as the caps allow, a multiple of ``channels``, at least one segment.
 

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,14 +205,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def resolve_auto(cfg: "RunConfig", device: str) -> "RunConfig":
     """A copy of ``cfg`` with every ``auto`` replaced by its number for this rank's ``device``: what the plan, its
     fingerprint and the stages see."""
-    import dataclasses
-
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    batch = dataclasses.replace(cfg.batch, max_audio_s=batch_audio_s(cfg.batch.max_audio_s, device))
-    decode = dataclasses.replace(cfg.decode, workers=decode_workers(cfg.decode.workers, device_type, local_ranks))
-    codec = dataclasses.replace(cfg.codec, threads=codec_threads(cfg.codec.threads, device_type, local_ranks))
-    return dataclasses.replace(cfg, batch=batch, decode=decode, codec=codec)
+    batch = replace(cfg.batch, max_audio_s=batch_audio_s(cfg.batch.max_audio_s, device))
+    decode = replace(cfg.decode, workers=decode_workers(cfg.decode.workers, device_type, local_ranks))
+    codec = replace(cfg.codec, threads=codec_threads(cfg.codec.threads, device_type, local_ranks))
+    return replace(cfg, batch=batch, decode=decode, codec=codec)
 
 
 def _cores() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -178,8 +177,6 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
     from pipeline.writer import UnitWriter
 
     # run() checked the channel policy against the codec (encode.check_channels) before anything was written.
-    # A batch row is what one encode call takes: one channel for a mono-input codec, both for a stereo one.
-    rows_per_segment = (2 if cfg.channels == "stereo" else 1) // codec.channels
     info = codec_info(cfg.codec.pretrained, cfg.codec.family, codec, cfg.channels)
     segments = SegmentPolicy.from_config(cfg.segment, codec.sample_rate)
     spec = DecodeSpec(job.source, codec.sample_rate, cfg.channels, cfg.decode.resample_quality, segments)
@@ -189,11 +186,10 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
     writer = UnitWriter(job.layout, job.plan.n_units, info.num_codebooks, file_meta,
                         cfg.output.compression, cfg.output.compression_level)
     remaining = job.plan.n_items - sum(len(job.plan.unit_range(u)) for u in job.layout.done_units())
-    batches = BatchPolicy.from_config(cfg.batch, codec.sample_rate, rows_per_segment, codec.channels,
-                                      codec.max_batch_samples)
+    batches = BatchPolicy.for_codec(cfg.batch, cfg.channels, codec)
     # Units waiting on a partial batch are normal while it fills: up to a full batch of them (one segment each)
     # before one is encoded part-empty (a fixed 4 made 8-row batches go out half full, measured).
-    max_waiting = max(4, batches.rows_for(segments.length) // rows_per_segment)
+    max_waiting = max(4, batches.rows_for(segments.length) // batches.channels)
     return Runner(
         job.plan, job.items, job.layout, codec,
         DecodePool(spec, cfg.decode.workers, cfg.decode.timeout_s,

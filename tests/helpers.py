@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +82,30 @@ def read_rows(out: Path) -> dict[tuple[str, int], dict]:
 
 def frames_for(n_samples: int, hop: int = 640) -> int:
     return math.ceil(n_samples / hop)
+
+
+# Fake credentials for moto's S3 server, and no proxy for loopback (a proxy from the environment would swallow it).
+MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+@contextlib.contextmanager
+def moto_environment() -> Iterator[None]:
+    """``MOTO_ENV`` set in ``os.environ`` (decode workers and runs started meanwhile inherit it), then restored."""
+    saved = {k: os.environ.get(k) for k in MOTO_ENV}
+    os.environ.update(MOTO_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

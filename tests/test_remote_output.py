@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import REPO, compose, read_rows
+from helpers import REPO, compose, free_port, moto_environment, read_rows
 from pipeline.claims import Claims, Owner
 from pipeline.layout import OutputLayout
 from pipeline.testing.dummies import synth, write_audio
@@ -84,30 +84,20 @@ def _serial_server_class():
 @pytest.fixture(scope="module")
 def s3():
     """Buckets ``tok`` and ``ver`` (versioned: every write of a key stays countable) on a loopback server."""
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the runs this module starts inherit these
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = _serial_server_class()(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket="tok")
-    client.create_bucket(Bucket="ver")
-    client.put_bucket_versioning(Bucket="ver", VersioningConfiguration={"Status": "Enabled"})
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, use_listings_cache=False,
-                           skip_instance_cache=True)
-    yield S3(endpoint, client, fs, server)
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with moto_environment():  # the runs this module starts inherit it
+        port = free_port()
+        server = _serial_server_class()(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="tok")
+        client.create_bucket(Bucket="ver")
+        client.put_bucket_versioning(Bucket="ver", VersioningConfiguration={"Status": "Enabled"})
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, use_listings_cache=False,
+                               skip_instance_cache=True)
+        yield S3(endpoint, client, fs, server)
+        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ import io
 import json
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from helpers import base_overrides, compose, read_rows
+from helpers import base_overrides, compose, free_port, moto_environment, read_rows
 from pipeline.audio import decode_audio
 from pipeline.sources import FolderSource, HfSource, ManifestSource, build_source
 from pipeline.sources.manifest import ManifestError
@@ -322,12 +321,6 @@ def test_hf_end_to_end(hf_data, tmp_path, tiny_codec_dir, where):
 # --------------------------------------------------------------------------------------------------- s3 (moto)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A local S3-compatible server (moto) on loopback with a bucket of audio, a sidecar and a manifest."""
@@ -335,28 +328,21 @@ def s3(tmp_path_factory):
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # spawned decode workers inherit these
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._port}"
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket="music")
-    manifest = [{"path": "a.wav", "genre": "folk"}, {"path": "s3://music/audio/sub dir/b.flac"}, {"path": "gone.wav"}]
-    for key, body in [("audio/a.wav", _wav(1.5, 1)), ("audio/sub dir/b.flac", _wav(2.0, 2, "FLAC")),
-                      ("audio/sub dir/b.json", json.dumps({"genre": "ambient", "mood_x": 1}).encode()),
-                      ("audio/.hidden.wav", _wav(1.0, 3)), ("audio/readme.txt", b"hi"),
-                      ("lists/data.jsonl", "".join(json.dumps(m) + "\n" for m in manifest).encode())]:
-        client.put_object(Bucket="music", Key=key, Body=body)
-    yield {"client_kwargs": {"endpoint_url": endpoint}}
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with moto_environment():  # spawned decode workers inherit it
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+        server.start()
+        endpoint = f"http://127.0.0.1:{server._port}"
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="music")
+        manifest = [{"path": "a.wav", "genre": "folk"}, {"path": "s3://music/audio/sub dir/b.flac"},
+                    {"path": "gone.wav"}]
+        for key, body in [("audio/a.wav", _wav(1.5, 1)), ("audio/sub dir/b.flac", _wav(2.0, 2, "FLAC")),
+                          ("audio/sub dir/b.json", json.dumps({"genre": "ambient", "mood_x": 1}).encode()),
+                          ("audio/.hidden.wav", _wav(1.0, 3)), ("audio/readme.txt", b"hi"),
+                          ("lists/data.jsonl", "".join(json.dumps(m) + "\n" for m in manifest).encode())]:
+            client.put_object(Bucket="music", Key=key, Body=body)
+        yield {"client_kwargs": {"endpoint_url": endpoint}}
+        server.stop()
 
 
 def test_s3_folder_and_manifest_listing_and_fetch(s3):
