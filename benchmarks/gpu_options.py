@@ -40,6 +40,8 @@ SETTINGS = {
     "bf16": {"dtype": "bfloat16"},
     "tf32+compile": {"tf32": True, "compile": True},
     "bf16+compile": {"dtype": "bfloat16", "compile": True},
+    # Not a codec option (yet): cuDNN times its algorithms per shape and keeps the fastest. Measured here first.
+    "tf32+cudnn_benchmark": {"tf32": True},
 }
 WINDOW_S = 30.0
 
@@ -54,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-rows", default="1,4,8,16,32,64", help="rows per batch for the sweep ('' to skip)")
     p.add_argument("--sweep-setting", default="tf32", help="the setting the sweep runs (default tf32)")
     p.add_argument("--budget-s", type=float, default=600.0, help="skip what starts after this many seconds")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the CUDA kernels that take the time in one --rows batch of --sweep-setting")
     p.add_argument("--out", default=None, help="results JSON (default: print only)")
     return p.parse_args(argv)
 
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             result["settings"][name] = {"skipped": "time budget"}
             continue
         cfg = dataclasses.replace(base, **SETTINGS[name])
-        record, codes = measure(cfg, audio[: args.rows], device, args.iters)
+        record, codes = measure(cfg, audio[: args.rows], device, args.iters, "cudnn_benchmark" in name)
         if reference is None:
             reference = codes  # the first setting is the reference (fp32 by default)
         record["agreement"] = agreement(codes, reference)
@@ -96,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         result["sweep"].append(record)
         print(f"[gpu_options] sweep {rows} rows: {record.get('audio_s_per_s', float('nan')):.0f} audio s/s, peak "
               f"{record.get('peak_gpu_allocated_mb', 0):.0f} MB", flush=True)
+    if args.profile and device.type == "cuda":
+        result["profile"] = profile(dataclasses.replace(base, **SETTINGS[args.sweep_setting]), audio[: args.rows],
+                                    device)
     result["total_s"] = round(time.time() - t_start, 1)
     text = json.dumps(result, indent=1, default=str)
     if args.out:
@@ -117,9 +124,11 @@ def rows_of_music(rows: int, cfg: CodecConfig, device: torch.device) -> torch.Te
     return audio.pin_memory() if device.type == "cuda" else audio
 
 
-def measure(cfg: CodecConfig, audio: torch.Tensor, device: torch.device, iters: int) -> tuple[dict[str, Any], np.ndarray]:
+def measure(cfg: CodecConfig, audio: torch.Tensor, device: torch.device, iters: int,
+            cudnn_benchmark: bool = False) -> tuple[dict[str, Any], np.ndarray]:
     """Load the codec with ``cfg``, encode ``audio`` once untimed, then ``iters`` times; keep the fastest."""
     codec = load_codec(cfg, device)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -143,6 +152,38 @@ def measure(cfg: CodecConfig, audio: torch.Tensor, device: torch.device, iters: 
         record["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     del codec
     return record, codes
+
+
+def profile(cfg: CodecConfig, audio: torch.Tensor, device: torch.device, top: int = 15) -> dict[str, Any]:
+    """Where one batch's GPU time goes: ``torch.profiler`` over one encode (after a warm-up), kernels by CUDA time,
+    and the host time to queue it (short if nothing waits for the GPU)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    codec = load_codec(cfg, device)
+    torch.backends.cudnn.benchmark = False
+    x = audio.to(device)
+    codec.encode(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    codec.encode(x)
+    queued = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        codec.encode(x)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    kernels = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
+    gpu_total = sum(e.self_device_time_total for e in events)
+    rows = [{"name": e.key[:90], "calls": e.count, "ms": round(e.self_device_time_total / 1e3, 2),
+             "share": round(e.self_device_time_total / max(gpu_total, 1), 4)} for e in kernels]
+    for r in rows:
+        print(f"[gpu_options] profile {r['share']:6.1%} {r['ms']:9.2f} ms x{r['calls']:<4} {r['name']}", flush=True)
+    print(f"[gpu_options] profile: queued in {queued * 1e3:.1f} ms, done in {total * 1e3:.1f} ms "
+          f"(GPU kernels {gpu_total / 1e3:.1f} ms)", flush=True)
+    return {"rows": audio.shape[0], "queue_ms": queued * 1e3, "total_ms": total * 1e3,
+            "gpu_kernels_ms": gpu_total / 1e3, "top": rows}
 
 
 def agreement(codes: np.ndarray, reference: np.ndarray) -> dict[str, Any]:

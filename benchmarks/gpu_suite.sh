@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One GPU machine's measurements for BENCHMARKS.md "GPU", in one go (a lent GPU has minutes, not hours), most
 # important first, so a run cut short still answers the main questions:
-#   1. end to end on FLAC songs at the defaults: naive loop vs codec limit vs pipeline, and the host ceiling
-#      (pipeline with an instant codec: can decode keep the GPU fed?);
-#   2. the codec's options: speed and token agreement against IEEE fp32, and throughput by batch size;
-#   3. end to end with the bf16 encoder; 4. torch.compile; 5. the CUDA tests.
+#   1. the CUDA tests (codes vs CPU, launch/collect overlap, no host sync inside an encode);
+#   2. the codec's options at a wide batch (speed, agreement with IEEE fp32), throughput by batch size up to
+#      128 rows, and a kernel profile of one batch;
+#   3. end to end on FLAC songs at wide batches: codec limit vs pipeline vs the host's ceiling (the pipeline with
+#      an instant codec), then at 32 rows (the previous setting), then with the bf16 encoder; 4. torch.compile.
+# The naive loop is not rerun (259x on an H200, 2026-11-26: the pipeline beats it ~10x); add it to --stages.
 # Results (JSON, logs) go to $OUT (default out/gpu). Runs from the repo root:
 #   bash benchmarks/gpu_suite.sh                       # on the GPU machine (about 8 minutes on an H200)
 #   SMALL=1 DEVICE=cpu bash benchmarks/gpu_suite.sh    # a rehearsal on CPU with the tiny codec
@@ -17,9 +19,11 @@ PY=${PY:-python3}
 LOG="$OUT/suite.log"
 if [ -n "${SMALL:-}" ]; then
   CODEC=tiny; MIN=0.5; MINS=10; MAXS=20; COPIES=2; ROWS=2; SWEEP=1,2; SETTINGS=fp32,tf32; COMPILE=fp32,tf32; TO=300
+  WIDE=60; NARROW=30
 else
-  CODEC=full; MIN=${MINUTES:-20}; MINS=60; MAXS=240; COPIES=${COPIES:-12}; ROWS=32; SWEEP=${SWEEP:-8,16,32}
-  SETTINGS=fp32,tf32,bf16; COMPILE=fp32,tf32+compile,bf16+compile; TO=240
+  CODEC=full; MIN=${MINUTES:-20}; MINS=60; MAXS=240; COPIES=${COPIES:-48}; ROWS=64; SWEEP=${SWEEP:-16,32,64,128}
+  SETTINGS=fp32,tf32,bf16,tf32+cudnn_benchmark; COMPILE=tf32,tf32+compile,bf16+compile; TO=240
+  WIDE=${WIDE:-3840}; NARROW=960
 fi
 step() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
 quiet() { grep -v "Loading weights\|^\[bench\]"; }
@@ -30,31 +34,36 @@ step "machine"
 torch.version.cuda, 'transformers', transformers.__version__, 'pyarrow', pyarrow.__version__, 'soxr', soxr.__version__,
 'libsndfile', soundfile.__libsndfile_version__, 'av', av.__version__)"; } 2>&1 | tee -a "$LOG"
 
-step "fixture codec ($CODEC)"
-$PY -c "from benchmarks.run import resolve_codec; print(resolve_codec('$CODEC'))" 2>&1 | tail -1 | tee -a "$LOG"
-
-common=(--device "$DEVICE" --codec $CODEC --format flac --minutes $MIN --min-s $MINS --max-s $MAXS --copies $COPIES
-        --unit-size 8 --work /tmp/gpu-bench --timeout $TO)
-step "end to end at the defaults (batch.max_audio_s=auto, decode.workers=auto): naive, codec, pipeline, host"
-$PY -m benchmarks.run "${common[@]}" --stages naive,codec,pipeline,host --out "$OUT/e2e_default.json" 2>&1 | quiet \
-  | tee -a "$LOG"
-
-step "codec options and batch size"
-timeout 240 $PY -m benchmarks.gpu_options --codec $CODEC --device "$DEVICE" --rows $ROWS --iters 5 \
-  --settings "$SETTINGS" --sweep-rows "$SWEEP" --budget-s 150 --out "$OUT/gpu_options.json" 2>&1 | quiet | tee -a "$LOG"
-
-step "end to end, bf16 encoder"
-$PY -m benchmarks.run "${common[@]}" --stages codec,pipeline --no-storage --set codec.dtype=bfloat16 \
-  --out "$OUT/e2e_bf16.json" 2>&1 | quiet | tee -a "$LOG"
-
-step "codec options with torch.compile"
-timeout 200 $PY -m benchmarks.gpu_options --codec $CODEC --device "$DEVICE" --rows $ROWS --iters 5 \
-  --settings "$COMPILE" --sweep-rows "" --budget-s 150 --out "$OUT/gpu_options_compile.json" 2>&1 | quiet \
-  | tee -a "$LOG"
-
 step "CUDA tests"
 if [ "$DEVICE" = cuda ]; then
   timeout 150 $PY -m pytest -q -s -p no:cacheprovider tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
   tail -3 "$OUT/test_cuda.txt" | tee -a "$LOG"
 fi
+
+step "fixture codec ($CODEC)"
+$PY -c "from benchmarks.run import resolve_codec; print(resolve_codec('$CODEC'))" 2>&1 | tail -1 | tee -a "$LOG"
+
+step "codec options at $ROWS rows, batch size, profile"
+timeout 200 $PY -m benchmarks.gpu_options --codec $CODEC --device "$DEVICE" --rows $ROWS --iters 5 \
+  --settings "$SETTINGS" --sweep-rows "$SWEEP" --budget-s 150 --profile --out "$OUT/gpu_options.json" 2>&1 | quiet \
+  | tee -a "$LOG"
+
+common=(--device "$DEVICE" --codec $CODEC --format flac --minutes $MIN --min-s $MINS --max-s $MAXS --copies $COPIES
+        --unit-size 8 --max-rows 256 --work /tmp/gpu-bench --timeout $TO)
+step "end to end, batch.max_audio_s=$WIDE: codec, pipeline, host"
+$PY -m benchmarks.run "${common[@]}" --max-audio-s $WIDE --stages codec,pipeline,host --out "$OUT/e2e_wide.json" \
+  2>&1 | quiet | tee -a "$LOG"
+
+step "end to end, batch.max_audio_s=$NARROW: codec, pipeline"
+$PY -m benchmarks.run "${common[@]}" --max-audio-s $NARROW --stages codec,pipeline --no-storage \
+  --out "$OUT/e2e_narrow.json" 2>&1 | quiet | tee -a "$LOG"
+
+step "end to end, batch.max_audio_s=$WIDE, bf16 encoder"
+$PY -m benchmarks.run "${common[@]}" --max-audio-s $WIDE --stages codec,pipeline --no-storage \
+  --set codec.dtype=bfloat16 --out "$OUT/e2e_wide_bf16.json" 2>&1 | quiet | tee -a "$LOG"
+
+step "codec options with torch.compile"
+timeout 150 $PY -m benchmarks.gpu_options --codec $CODEC --device "$DEVICE" --rows $ROWS --iters 5 \
+  --settings "$COMPILE" --sweep-rows "" --budget-s 120 --out "$OUT/gpu_options_compile.json" 2>&1 | quiet \
+  | tee -a "$LOG"
 step "done"

@@ -11,6 +11,7 @@ import logging
 import signal
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pipeline.batching import Batch, Batcher, BatchPolicy
@@ -87,8 +88,10 @@ class RankStats:
     encode_s: float = 0.0
     # Seconds blocked waiting for decoded audio with no batch to encode: the codec starved by decoding.
     starved_s: float = 0.0
-    # Seconds writing and committing shards.
+    # Seconds the loop waited on commits: the background writer had fallen ``max_pending_commits`` behind.
     commit_s: float = 0.0
+    # Seconds the background writer worked (building the table, Parquet + zstd, upload, marker): overlapped.
+    writer_s: float = 0.0
     # Seconds with no batch on the codec (after the first launch): on CUDA the GPU's idle time, the host-side
     # loss; on CPU, where encoding is synchronous, everything outside encode.
     codec_idle_s: float = 0.0
@@ -98,20 +101,28 @@ class RankStats:
         """One line: where the loop's time went, e.g. ``encode 91% (412 batches), starved 3%, commit 2%, ...``."""
         wall = max(self.wall_s, 1e-9)
         return (f"encode {self.encode_s / wall:.0%} ({self.batches} batches), starved {self.starved_s / wall:.0%}, "
-                f"commit {self.commit_s / wall:.0%}, codec idle {self.codec_idle_s / wall:.0%} of {self.wall_s:.1f} s")
+                f"commit {self.commit_s / wall:.0%} (writer busy {self.writer_s / wall:.0%}), "
+                f"codec idle {self.codec_idle_s / wall:.0%} of {self.wall_s:.1f} s")
 
 
 class Runner:
     """Drives one rank. ``run`` returns when no unit is left to claim (or a stop signal arrived).
 
+    Complete units are committed by one background thread (Arrow + zstd and file writes release the GIL), in the
+    order they completed; a unit's claim is released, and it counts as done, once its commit returned. A commit
+    that raises fails the run as it would in the loop itself.
+
     Args:
         max_waiting_units: units whose items are all decoded but whose last segments sit in partial batches;
             past this many, partial batches are encoded with zero rows so units commit (and memory stays bounded).
+        max_pending_commits: units handed to the writer thread and not committed yet; past this many the loop
+            waits (bounds the memory of rows waiting to be written).
     """
 
     def __init__(self, plan: Plan, items: list[AudioItem], layout: OutputLayout, codec: Codec, pool: DecodePool,
                  claims: Claims, writer: UnitWriter, batch_policy: BatchPolicy, progress: Progress,
-                 start_unit: int = 0, marker_extra: dict | None = None, max_waiting_units: int = 4):
+                 start_unit: int = 0, marker_extra: dict | None = None, max_waiting_units: int = 4,
+                 max_pending_commits: int = 2):
         self.plan, self.items, self.layout, self.codec = plan, items, layout, codec
         self.pool, self.claims, self.writer, self.progress = pool, claims, writer, progress
         self.batcher = Batcher(batch_policy)
@@ -122,6 +133,9 @@ class Runner:
         # At most one batch queued on the device and not collected yet (CUDA runs it while the host works).
         self.launched: LaunchedBatch | None = None
         self._idle_since: float | None = None  # when the codec last ran out of work
+        self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        self.committing: collections.deque[tuple[int, UnitCounts, Future]] = collections.deque()
+        self.max_pending_commits = max_pending_commits
         self.no_more_units = False
         self.stats = RankStats()
         self._stop_signal: int | None = None
@@ -137,6 +151,18 @@ class Runner:
 
     def run(self) -> RankStats:
         start = time.monotonic()
+        try:
+            self._loop()
+        finally:
+            # Whatever stopped the loop, what was handed to the writer is written (or fails) before returning.
+            self._writer_thread.shutdown(wait=True)
+        self._finish_commits(wait=True)
+        self.stats.stopped_by_signal = self._stop_signal
+        self.stats.wall_s = time.monotonic() - start
+        log.info("rank loop: %s", self.stats.timing())
+        return self.stats
+
+    def _loop(self) -> None:
         while self._stop_signal is None:
             self._feed()
             # With batches waiting, take no more audio: the pool's buffer then fills, workers block, and memory
@@ -156,10 +182,6 @@ class Runner:
         if self.launched is not None:  # stopped by a signal: the batch is on the device already, keep it
             self._collect()
             self._commit_complete()
-        self.stats.stopped_by_signal = self._stop_signal
-        self.stats.wall_s = time.monotonic() - start
-        log.info("rank loop: %s", self.stats.timing())
-        return self.stats
 
     def _poll(self, timeout: float) -> None:
         """Take decoded results; time spent blocked with nothing to encode counts as starved."""
@@ -281,18 +303,38 @@ class Runner:
             self.ready.extend(self.batcher.flush())
 
     def _commit_complete(self) -> None:
+        """Hand every complete unit to the writer thread; account for the commits that finished."""
         for unit in [u for u in self.open.values() if u.complete]:
-            t0 = time.monotonic()
             counts, failures, rows = unit.counts_and_failures()
             extra = {**self.marker_extra, "elapsed_s": round(time.monotonic() - unit.started, 3)}
-            if unit.kept is None:
-                self.writer.commit(unit.unit, rows, failures, counts, extra)
-            else:
-                commit_merged(self.writer, unit.unit, unit.kept, rows, failures, counts, extra)
-            self.claims.release(unit.unit)
             del self.open[unit.unit]
+            self.committing.append((unit.unit, counts,
+                                    self._writer_thread.submit(self._commit, unit, rows, failures, counts, extra)))
+        self._finish_commits(wait=False)
+
+    def _commit(self, unit: OpenUnit, rows: list[EncodedSegment], failures: list[Failure], counts: UnitCounts,
+                extra: dict) -> None:
+        """The writer thread's job: one unit's shard, failure log and marker (``UnitWriter``'s commit protocol)."""
+        t0 = time.monotonic()
+        if unit.kept is None:
+            self.writer.commit(unit.unit, rows, failures, counts, extra)
+        else:
+            commit_merged(self.writer, unit.unit, unit.kept, rows, failures, counts, extra)
+        self.stats.writer_s += time.monotonic() - t0
+
+    def _finish_commits(self, wait: bool) -> None:
+        """Release the claims of committed units, in order; wait while too many are pending (or all, ``wait``).
+
+        ``Future.result`` re-raises a commit's exception here, in the loop's thread.
+        """
+        t0 = time.monotonic()
+        while self.committing and (wait or self.committing[0][2].done()
+                                   or len(self.committing) > self.max_pending_commits):
+            unit, counts, future = self.committing.popleft()
+            future.result()
+            self.claims.release(unit)
             self.stats.units += 1
             self.stats.items += counts.items
             self.stats.audio_s += counts.audio_s
             self.progress.update(items=counts.items, failed=counts.failed + counts.skipped)
-            self.stats.commit_s += time.monotonic() - t0
+        self.stats.commit_s += time.monotonic() - t0

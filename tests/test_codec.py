@@ -86,6 +86,34 @@ def test_codes_equal_transformers_encode_on_a_batch(tiny: Codec, tiny_codec_dir:
     assert torch.equal(tiny.encode(audio), _reference_codes(tiny_codec_dir, audio))
 
 
+def test_convolutions_pad_without_device_tensors(tiny: Codec, tiny_codec_dir: Path) -> None:
+    # transformers keeps the padding arithmetic in tensor buffers that follow the model to the GPU (a host sync per
+    # layer); the codec makes them Python ints, and the codes stay transformers' (previous test, and the lengths
+    # here that need extra padding at several layers).
+    from transformers.models.encodec.modeling_encodec import EncodecConv1d
+
+    convs = [m for m in tiny.model.modules() if isinstance(m, EncodecConv1d)]
+    assert len(convs) > 10 and all(isinstance(m.stride, int) and isinstance(m.padding_total, int) for m in convs)
+    assert not any(name in ("stride", "kernel_size", "padding_total") for name, _ in tiny.model.named_buffers())
+    for length in (HOP * 7 + 3, 32_000 - 1):
+        audio = 0.1 * torch.randn(2, 1, length, generator=torch.Generator().manual_seed(length))
+        assert torch.equal(tiny.encode(audio), _reference_codes(tiny_codec_dir, audio))
+
+
+def test_convolutions_in_row_groups_give_the_same_codes(tiny_codec_dir: Path) -> None:
+    # On CUDA the encoder's convolutions run in groups of rows under the 32-bit index limit (the LSTM and the RVQ
+    # take the whole batch); forced on CPU here with a limit of two 2 s rows per group.
+    codec = _load(tiny_codec_dir)
+    audio = _batch(2.0, [20, 21, 22, 23, 24])
+    whole = codec.encode(audio)
+    assert codec._encoder.groups(5, 64_000) == 1  # CPU: never split
+    codec._encoder.max_elements = 2 * codec._encoder.width * (64_000 + 1024)
+    assert codec._encoder.groups(5, 64_000) == 3 and codec._encoder.groups(4, 64_000) == 2
+    assert torch.equal(codec.encode(audio), whole)
+    assert torch.equal(whole, _reference_codes(tiny_codec_dir, audio))
+    assert len(torch.unique(whole)) > 500
+
+
 def test_codes_do_not_depend_on_batch_mates(tiny: Codec) -> None:
     # The fixture's encoder output is centred so fp32 noise from batch size does not flip codes (it did for 5%).
     audio = _batch(3.0, [10, 11, 12, 13])

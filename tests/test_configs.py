@@ -97,18 +97,19 @@ def test_auto_settings_resolve_per_device():
         compose(["dataset=folder", "dataset.path=.", "decode.workers=-1"])
 
 
-def test_batch_rows_stay_under_the_codecs_32bit_limit(tiny_codec_dir):
-    """A batch cap past what CUDA's 32-bit indexing takes is cut to the codec's limit, not failed batch by batch."""
+def test_batch_rows_stay_under_a_codecs_32bit_limit(tiny_codec_dir):
+    """A batch cap past what CUDA's 32-bit indexing takes is cut to the codec's limit (DAC, Mimi), not failed batch
+    by batch; EnCodec has no such limit: it runs its convolutions in row groups under it (SplitEncoder)."""
     from pipeline.batching import BatchPolicy
     from pipeline.codecs import load_codec
     from pipeline.config import BatchConfig, CodecConfig
 
     codec = load_codec(CodecConfig(pretrained=str(tiny_codec_dir), device="cpu"))
-    width = json.loads((tiny_codec_dir / "config.json").read_text())["num_filters"]
-    assert codec.max_batch_samples == (2**31 - 1) // (2 * width)
-    window = 30 * codec.sample_rate
-    huge = BatchPolicy.from_config(BatchConfig(max_audio_s=7200, max_rows=1000), codec.sample_rate, 1, 1,
-                                   codec.max_batch_samples)
+    assert codec.max_batch_samples is None
+    width, window = 64, 30 * codec.sample_rate
+    limit = (2**31 - 1) // (2 * width)  # what TransformersCodec sets for DAC and Mimi
+    huge = BatchPolicy.from_config(BatchConfig(max_audio_s=7200, max_rows=1000), codec.sample_rate, 1, 1, limit)
     assert huge.rows_for(window) * window * 2 * width < 2**31
-    small = BatchPolicy.from_config(BatchConfig(max_audio_s=240), codec.sample_rate, 1, 1, codec.max_batch_samples)
+    small = BatchPolicy.from_config(BatchConfig(max_audio_s=240), codec.sample_rate, 1, 1, limit)
     assert small.rows_for(window) == 8  # an ordinary cap is untouched
+    assert BatchPolicy.for_codec(BatchConfig(max_audio_s=7200, max_rows=1000), "mono", codec).rows_for(window) == 240

@@ -99,3 +99,20 @@ def test_gpu_options_in_fingerprint_and_agreement(tiny_codec_dir, options):
     # bf16 moves the encoder output by ~1e-2 relative: codes near a boundary flip, and a flip in codebook k changes
     # the residual of every later one (0.47 on this fixture, 0.76 on the full-size one, measured on an H200).
     assert agree > (0.3 if options.get("dtype") == "bfloat16" else 0.9)
+
+
+def test_encode_does_not_wait_for_the_gpu(tiny_codec_dir):
+    """Queuing an encode never reads a value back from the GPU (transformers' padding arithmetic on device tensors
+    did, at every convolution), so ``launch_batch`` returns while the GPU works; with the convolutions split into
+    row groups too."""
+    codec = load_codec(CodecConfig(pretrained=str(tiny_codec_dir), device="cuda"))
+    audio = 0.1 * torch.randn(6, 1, 5 * 32000, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    whole = codec.encode(audio)  # warm-up: cuDNN and cuBLAS handles, allocator
+    codec._encoder.max_elements = 2 * codec._encoder.width * (audio.shape[-1] + 1024)  # 3 groups of 2 rows
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        split = codec.encode(audio)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(split.cpu(), whole.cpu()) and _spread(whole.cpu().numpy()) > 100

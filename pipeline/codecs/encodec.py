@@ -11,15 +11,24 @@ Loading, weight-norm folding, precision pinning and the fingerprint are shared w
 - Chunked models (48 kHz: 1 s chunks every 0.99 s) encode each chunk on its own. A row's codes are the chunks'
   codes one after another (150 frames per whole chunk), so ``n_frames`` is not ``ceil(n / hop)``; see
   ``Chunking``.
+- Two changes to how transformers runs the encoder on a GPU, neither changing a code (tests compare with
+  ``EncodecModel.encode``): the convolutions' padding is computed in Python (``static_conv_padding``: transformers
+  keeps it in device tensors, which made every layer wait for the GPU), and the encoder's convolutions run in
+  groups of rows under CUDA's 32-bit index limit while the LSTM and the RVQ take the whole batch
+  (``SplitEncoder``), so the batch size is chosen for speed, not by that limit.
 """
 
 from __future__ import annotations
 
+import math
+import types
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import EncodecModel
+from transformers.models.encodec.modeling_encodec import EncodecConv1d, EncodecLSTM
 
 from pipeline.codecs.hf import (  # noqa: F401 - CodecLoadError, fold_weight_norm, _fp32_precision re-exported
     CodecLoadError,
@@ -100,7 +109,10 @@ class EncodecCodec(TransformersCodec):
             )
         self.normalize = bool(config.normalize)
         self.chunking = _chunking(config, cfg)
-        self._encoder = self._compile(model.encoder)
+        static_conv_padding(model)
+        # CUDA kernels index with 32 bits; CPU kernels with 64, so only CUDA needs the row groups.
+        self._encoder = SplitEncoder(model.encoder, self._compile, 2**31 - 1 if device.type == "cuda" else None)
+        self.max_batch_samples = None  # SplitEncoder keeps each convolution under the limit itself
 
     def n_frames(self, n_samples: int) -> int:
         """``ceil(n_samples / hop)``, or for chunked models the frames of the chunks (see ``Chunking``)."""
@@ -169,6 +181,97 @@ class EncodecCodec(TransformersCodec):
             out = self.model.decode(chunks, per_chunk, last_frame_pad_length=frames - (spans[-1][1] - spans[-1][0]),
                                     return_dict=True)
         return out.audio_values
+
+
+class SplitEncoder:
+    """EnCodec's SEANet encoder with its convolutions run in groups of rows, the rest on the whole batch.
+
+    On CUDA a tensor of 2**31 elements or more fails (``input tensor must fit into 32-bit index math``): the first
+    convolution's ``[rows, 64, samples]`` output reached that at 64 rows of 30 s. The convolutions (everything
+    before the LSTM) are per row, so they run on groups of at most ``max_elements / width`` samples and are
+    concatenated; the LSTM, whose cost is one sequential step per frame whatever the rows (so wide batches pay
+    for it once), and the last convolution take the whole batch. Groups are of equal size, so every batch of a
+    bucket splits the same way.
+
+    Args:
+        encoder: ``EncodecModel.encoder``.
+        wrap: applied to each part (``torch.compile`` or the identity).
+        max_elements: the most elements one convolution's output may have; None: never split.
+
+    Attributes:
+        width: elements of the widest convolution output per input sample (64 for EnCodec 32 kHz).
+    """
+
+    def __init__(self, encoder: torch.nn.Module, wrap: Any, max_elements: int | None):
+        layers = list(encoder.layers)
+        cut = next((i for i, layer in enumerate(layers) if isinstance(layer, EncodecLSTM)), len(layers))
+        self.width = _elements_per_sample(layers[:cut])
+        self.front = wrap(torch.nn.Sequential(*layers[:cut]))
+        self.back = wrap(torch.nn.Sequential(*layers[cut:]))
+        self.max_elements = max_elements
+
+    def groups(self, rows: int, length: int) -> int:
+        """How many groups ``rows`` rows of ``length`` samples split into (1: not split)."""
+        if self.max_elements is None:
+            return 1
+        # Room for the padding a convolution adds before its output (a few samples per layer).
+        per_row = math.ceil(self.width * (length + 1024))
+        fit = max(1, self.max_elements // per_row)
+        return -(-rows // fit)
+
+    def __call__(self, audio: torch.Tensor) -> torch.Tensor:
+        n = self.groups(audio.shape[0], audio.shape[-1])
+        hidden = self.front(audio) if n == 1 else torch.cat([self.front(part) for part in audio.tensor_split(n)])
+        return self.back(hidden)
+
+
+def _elements_per_sample(layers: list[torch.nn.Module]) -> float:
+    """The widest convolution output of ``layers`` per input sample: channels over the downsampling so far (the
+    first convolution's 64 channels at the full rate for EnCodec 32 kHz; each later stage halves it)."""
+    widest, stride = 1.0, 1
+    for layer in layers:
+        if isinstance(layer, EncodecConv1d):
+            stride *= layer.conv.stride[0]
+            widest = max(widest, layer.conv.out_channels / stride)
+    return widest
+
+
+def static_conv_padding(model: torch.nn.Module) -> int:
+    """Make every ``EncodecConv1d`` compute its padding on the host; returns how many were changed.
+
+    transformers keeps ``stride``, ``kernel_size`` and ``padding_total`` as tensor buffers that move to the GPU
+    with the model, so each convolution's padding arithmetic read GPU scalars back: the host waited for the GPU
+    at every layer, so launching a batch returned only when the GPU was nearly done with it and nothing else got
+    done meanwhile. As Python ints the same arithmetic (``_extra_padding``, in transformers' float32) needs no
+    device, and ``torch.compile`` sees static padding instead of breaking its graph at every layer.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, EncodecConv1d) and isinstance(module.stride, torch.Tensor):
+            for name in ("stride", "kernel_size", "padding_total"):
+                value = int(module._buffers.pop(name))
+                setattr(module, name, value)
+            module._get_extra_padding_for_conv1d = types.MethodType(_extra_padding_method, module)
+            changed += 1
+    return changed
+
+
+def _extra_padding_method(self: EncodecConv1d, hidden_states: torch.Tensor) -> int:
+    return _extra_padding(hidden_states.shape[-1], self.kernel_size, self.stride, self.padding_total)
+
+
+@torch.compiler.assume_constant_result
+def _extra_padding(length: int, kernel_size: int, stride: int, padding_total: int) -> int:
+    """transformers' ``_get_extra_padding_for_conv1d`` on ints, in the same float32 arithmetic (an int64 tensor
+    divided by another is float32 in torch): identical for every length, also past 2**24 where float32 rounds
+    (there transformers' padding can even be negative, which crops; the codes stay transformers' codes).
+
+    >>> _extra_padding(960_000, 8, 4, 4), _extra_padding(10, 8, 4, 4), _extra_padding(2**24 + 1, 8, 4, 4)
+    (0, 2, -1)
+    """
+    n_frames = np.float32(length - kernel_size + padding_total) / np.float32(stride) + np.float32(1)
+    n_frames = math.ceil(float(n_frames)) - 1
+    return n_frames * stride + kernel_size - padding_total - length
 
 
 def _check_bandwidth(cfg: CodecConfig, supported: list[float]) -> float:
