@@ -8,7 +8,8 @@
 #      an instant codec), then at 32 rows (the previous setting), then with the bf16 encoder; 4. torch.compile.
 # The naive loop is not rerun (259x on an H200, 2026-11-26: the pipeline beats it ~10x); add it to --stages.
 # Results (JSON, logs) go to $OUT (default out/gpu). Runs from the repo root:
-#   bash benchmarks/gpu_suite.sh                       # on the GPU machine (about 8 minutes on an H200)
+#   bash benchmarks/gpu_suite.sh                       # on the GPU machine (about 7 minutes on an H200)
+#   STEPS="tests e2e e2e_compile" bash benchmarks/gpu_suite.sh    # some steps only (about 4 minutes)
 #   SMALL=1 DEVICE=cpu bash benchmarks/gpu_suite.sh    # a rehearsal on CPU with the tiny codec
 set -u
 OUT=${OUT:-out/gpu}
@@ -23,8 +24,10 @@ if [ -n "${SMALL:-}" ]; then
 else
   CODEC=full; MIN=${MINUTES:-20}; MINS=60; MAXS=240; COPIES=${COPIES:-48}; ROWS=64; SWEEP=${SWEEP:-16,32,64,128}
   SETTINGS=fp32,tf32,bf16,tf32+cudnn_benchmark; COMPILE=tf32,tf32+compile,bf16+compile; TO=240
-  WIDE=${WIDE:-3840}; NARROW=960
+  WIDE=${WIDE:-auto}; NARROW=960
 fi
+STEPS=${STEPS:-tests options e2e narrow bf16 compile}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
 quiet() { grep -v "Loading weights\|^\[bench\]"; }
 
@@ -34,8 +37,8 @@ step "machine"
 torch.version.cuda, 'transformers', transformers.__version__, 'pyarrow', pyarrow.__version__, 'soxr', soxr.__version__,
 'libsndfile', soundfile.__libsndfile_version__, 'av', av.__version__)"; } 2>&1 | tee -a "$LOG"
 
-step "CUDA tests"
-if [ "$DEVICE" = cuda ]; then
+if want tests && [ "$DEVICE" = cuda ]; then
+  step "CUDA tests"
   timeout 150 $PY -m pytest -q -s -p no:cacheprovider tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
   tail -3 "$OUT/test_cuda.txt" | tee -a "$LOG"
 fi
@@ -43,27 +46,30 @@ fi
 step "fixture codec ($CODEC)"
 $PY -c "from benchmarks.run import resolve_codec; print(resolve_codec('$CODEC'))" 2>&1 | tail -1 | tee -a "$LOG"
 
+if want options; then
 step "codec options at $ROWS rows, batch size, profile"
 timeout 200 $PY -m benchmarks.gpu_options --codec $CODEC --device "$DEVICE" --rows $ROWS --iters 5 \
   --settings "$SETTINGS" --sweep-rows "$SWEEP" --budget-s 150 --profile --out "$OUT/gpu_options.json" 2>&1 | quiet \
   | tee -a "$LOG"
+fi
 
 common=(--device "$DEVICE" --codec $CODEC --format flac --minutes $MIN --min-s $MINS --max-s $MAXS --copies $COPIES
         --unit-size 8 --max-rows 256 --work /tmp/gpu-bench --timeout $TO)
-step "end to end, batch.max_audio_s=$WIDE: codec, pipeline, host"
-$PY -m benchmarks.run "${common[@]}" --max-audio-s $WIDE --stages codec,pipeline,host --out "$OUT/e2e_wide.json" \
-  2>&1 | quiet | tee -a "$LOG"
+e2e() {  # name, batch.max_audio_s (auto: the config's), stages, extra args
+  step "end to end ($1), batch.max_audio_s=$2: $3"
+  local cap=(); [ "$2" = auto ] || cap=(--max-audio-s "$2")
+  $PY -m benchmarks.run "${common[@]}" "${cap[@]}" --stages $3 --out "$OUT/e2e_$1.json" "${@:4}" 2>&1 | quiet \
+    | tee -a "$LOG"
+}
+want e2e && e2e wide $WIDE codec,pipeline,host
+want e2e_compile && e2e wide_compile $WIDE pipeline --no-storage --set codec.compile=true
+want narrow && e2e narrow $NARROW codec,pipeline --no-storage
+want bf16 && e2e wide_bf16 $WIDE codec,pipeline --no-storage --set codec.dtype=bfloat16
 
-step "end to end, batch.max_audio_s=$NARROW: codec, pipeline"
-$PY -m benchmarks.run "${common[@]}" --max-audio-s $NARROW --stages codec,pipeline --no-storage \
-  --out "$OUT/e2e_narrow.json" 2>&1 | quiet | tee -a "$LOG"
-
-step "end to end, batch.max_audio_s=$WIDE, bf16 encoder"
-$PY -m benchmarks.run "${common[@]}" --max-audio-s $WIDE --stages codec,pipeline --no-storage \
-  --set codec.dtype=bfloat16 --out "$OUT/e2e_wide_bf16.json" 2>&1 | quiet | tee -a "$LOG"
-
+if want compile; then
 step "codec options with torch.compile"
 timeout 150 $PY -m benchmarks.gpu_options --codec $CODEC --device "$DEVICE" --rows $ROWS --iters 5 \
   --settings "$COMPILE" --sweep-rows "" --budget-s 120 --out "$OUT/gpu_options_compile.json" 2>&1 | quiet \
   | tee -a "$LOG"
+fi
 step "done"

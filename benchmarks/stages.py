@@ -155,15 +155,19 @@ def host(spec: dict[str, Any]) -> dict[str, Any]:
     decode, transfer, batching and commit the host must keep up with. Its audio s/s is the most a GPU can be fed."""
     import torch
 
-    import pipeline.runner
+    import pipeline.encode
     from pipeline.encode import LaunchedBatch
 
-    def instant(codec, batch):
+    def instant(codec, batch, launched=None):
+        launched = launched or LaunchedBatch(batch)
         frames = codec.n_frames(batch.padded_len)
-        batch.fill(torch.empty((batch.rows, batch.row_channels, batch.padded_len)).numpy())  # the copy stays
-        return LaunchedBatch(batch, torch.zeros((batch.rows, codec.num_codebooks, frames), dtype=torch.int64), None)
+        # The copy into pinned memory stays (the caching host allocator reuses the buffers, as in the pipeline).
+        pinned = codec.device.type == "cuda"
+        batch.fill(torch.empty((batch.rows, batch.row_channels, batch.padded_len), pin_memory=pinned).numpy())
+        launched.codes = torch.zeros((batch.rows, codec.num_codebooks, frames), dtype=torch.int64)
+        return launched
 
-    pipeline.runner.launch_batch = instant
+    pipeline.encode.launch_batch = instant
     return pipeline_stage(spec)
 
 

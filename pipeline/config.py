@@ -231,9 +231,12 @@ def codec_threads(setting: Any, device_type: str, local_ranks: int = 1, cores: i
 def batch_audio_s(setting: Any, device: str) -> float:
     """``batch.max_audio_s``: ``setting`` itself, or for ``auto`` the batch that suits the device.
 
-    CUDA: as large as memory allows, up to 960 s (32 rows of 30 s): on an H200 with EnCodec 32 kHz (TF32) 8 rows
-    ran at 2784 audio s/s, 16 at 3843, 32 at 4838, with ~40 MB of GPU memory per padded audio second (38 GB at
-    960 s); auto keeps that estimate under 60% of the card (960 s from 64 GB, 480 s from 32 GB, else 240 s).
+    CUDA: 1920 s (64 rows of 30 s) from 64 GB of GPU memory, 480 s from 32 GB, else 240 s. On an H200 with EnCodec
+    32 kHz (TF32, 2026-11-27) a batch of 16 rows ran at 4320 audio s/s, 32 at 5006, 64 at 5396, 128 at 5618: the
+    LSTM's one step per frame costs the same for any number of rows, so wide batches amortise it. EnCodec runs its
+    convolutions in groups of at most 34 rows (CUDA's 32-bit index limit), so memory stops growing there: ~40 MB
+    per padded audio second up to 960 s (38 GB), then almost nothing (38.3 GB at 64 rows, 39.0 GB at 128). Wider
+    than 64 rows gained 4% more but needs twice the decoded audio in flight before the GPU starts.
     CPU: 30 s, one row. 4-row batches cost 16% (torch) to 29% (ONNX Runtime) less per row when full, but a process
     needs about 1 GB + 35 MB per batch second (2.0 GB at 30 s, 5.1 GB at 120 s, 9.3 GB at 240 s, measured), the
     fastest CPU layout is one process per core, and one row is never a part-empty batch. The CPU choice must not
@@ -247,7 +250,8 @@ def batch_audio_s(setting: Any, device: str) -> float:
         import torch
 
         memory_gb = torch.cuda.get_device_properties(torch.device(device)).total_memory / 1e9
-        return next((s for s in (960.0, 480.0) if s * 0.040 <= 0.6 * memory_gb), 240.0)
+        # Memory is that of the widest convolution group: min(batch, 960 s) at ~40 MB per second, kept under 60%.
+        return next((s for s in (1920.0, 480.0) if min(s, 960.0) * 0.040 <= 0.6 * memory_gb), 240.0)
     return 30.0
 
 

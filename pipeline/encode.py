@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,39 +38,85 @@ class LaunchedBatch:
 
     On CUDA the codes' copy to pinned host memory is queued right behind the encode, so collecting batch N after
     launching batch N+1 does not wait for N+1: the GPU always has the next batch queued while the CPU builds,
-    pins and commits the previous ones. On CPU everything has already run by the time this exists.
+    pins and commits the previous ones. On CPU everything has already run by the time this exists. From a
+    ``Launcher`` thread, ``queued`` is the thread's job and the other fields are set when it is done.
     """
 
     batch: Batch
-    codes: torch.Tensor  # [rows, K, T] on the host (pinned on CUDA)
-    scales: torch.Tensor | None
+    codes: torch.Tensor | None = None  # [rows, K, T] on the host (pinned on CUDA)
+    scales: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None
+    queued: Future | None = None
 
     def done(self) -> bool:
         """True once the codes are on the host (collecting then does not wait)."""
+        if self.queued is not None and not self.queued.done():
+            return False
         return self.ready is None or self.ready.query()
 
 
-def launch_batch(codec: Codec, batch: Batch) -> LaunchedBatch:
-    """Queue one batch's encode (CUDA: asynchronous; CPU: runs now). Collect it with ``collect_batch``."""
+def launch_batch(codec: Codec, batch: Batch, launched: LaunchedBatch | None = None) -> LaunchedBatch:
+    """Queue one batch's encode (CUDA: asynchronous; CPU: runs now). Collect it with ``collect_batch``.
+
+    ``launched``: fill this one in (a ``Launcher`` thread's) instead of making a new one.
+    """
+    launched = launched or LaunchedBatch(batch)
     if codec.device.type != "cuda":
-        codes, scales = codec.encode_with_scales(torch.from_numpy(batch.to_array()))
-        return LaunchedBatch(batch, codes, scales)
+        launched.codes, launched.scales = codec.encode_with_scales(torch.from_numpy(batch.to_array()))
+        return launched
     # Fill pinned memory directly (no pageable copy first), then copy without blocking the host; the caching
     # host allocator keeps the buffer alive until the copy is done.
-    host = torch.empty((batch.rows, batch.row_channels, batch.padded_len), dtype=torch.float32, pin_memory=True)
-    batch.fill(host.numpy())
-    codes, scales = codec.encode_with_scales(host.to(codec.device, non_blocking=True))
-    codes_host = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True).copy_(codes, non_blocking=True)
-    scales_host = None if scales is None else \
-        torch.empty(scales.shape, dtype=scales.dtype, pin_memory=True).copy_(scales, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return LaunchedBatch(batch, codes_host, scales_host, ready)
+    with torch.cuda.device(codec.device):  # a launcher thread starts on device 0 (the current device is per thread)
+        host = torch.empty((batch.rows, batch.row_channels, batch.padded_len), dtype=torch.float32, pin_memory=True)
+        batch.fill(host.numpy())
+        codes, scales = codec.encode_with_scales(host.to(codec.device, non_blocking=True))
+        launched.codes = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True).copy_(codes, non_blocking=True)
+        launched.scales = None if scales is None else \
+            torch.empty(scales.shape, dtype=scales.dtype, pin_memory=True).copy_(scales, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    launched.ready = ready
+    return launched
+
+
+class Launcher:
+    """Launches batches on the codec: on CUDA from one background thread, on CPU in the caller.
+
+    Queuing an encode on CUDA is not free for the host: filling the pinned batch (hundreds of MB at wide batches)
+    and, above all, launching the kernels: EnCodec's LSTM launches a few kernels per frame (1500 frames a 30 s row),
+    past the driver's queue of pending launches, so queuing a batch blocked until the GPU had nearly run it
+    ("Command Buffer Full" in a profile of one 64-row batch: the host was blocked 96% of the encode). From a thread
+    (torch releases the GIL in its ops, numpy in large copies) the loop meanwhile takes decoded audio and commits.
+    One thread keeps the batches in launch order on the device.
+    """
+
+    def __init__(self, codec: Codec):
+        self.codec = codec
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launch") \
+            if codec.device.type == "cuda" else None
+
+    def launch(self, batch: Batch) -> LaunchedBatch:
+        """Queue ``batch``; a launch error surfaces from ``collect_batch`` (CUDA) or here (CPU)."""
+        if self._thread is None:
+            return launch_batch(self.codec, batch)
+        launched = LaunchedBatch(batch)
+        # Looked up at call time, so the benchmark's instant codec (which patches launch_batch) runs here too.
+        launched.queued = self._thread.submit(_launch_in_thread, self.codec, batch, launched)
+        return launched
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+
+
+def _launch_in_thread(codec: Codec, batch: Batch, launched: LaunchedBatch) -> None:
+    launch_batch(codec, batch, launched)
 
 
 def collect_batch(codec: Codec, launched: LaunchedBatch) -> list[EncodedSegment]:
     """Wait for a launched batch and split its codes back into segments (codes trimmed, channels interleaved)."""
+    if launched.queued is not None:
+        launched.queued.result()  # re-raises what the launcher thread raised for this batch
     if launched.ready is not None:
         launched.ready.synchronize()  # also where an asynchronous CUDA error of this batch surfaces
     batch = launched.batch

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pipeline.batching import Batch, Batcher, BatchPolicy
 from pipeline.claims import Claims
 from pipeline.codecs.base import Codec
-from pipeline.encode import LaunchedBatch, collect_batch, launch_batch
+from pipeline.encode import LaunchedBatch, Launcher, collect_batch
 from pipeline.layout import OutputLayout
 from pipeline.plan import Plan
 from pipeline.progress import Progress
@@ -130,8 +130,9 @@ class Runner:
         self.marker_extra = {**(marker_extra or {}), "host": socket.gethostname()}
         self.open: dict[int, OpenUnit] = {}
         self.ready: collections.deque[Batch] = collections.deque()
-        # At most one batch queued on the device and not collected yet (CUDA runs it while the host works).
-        self.launched: LaunchedBatch | None = None
+        # Batches launched and not collected yet, oldest first: on CUDA one runs while the next waits behind it.
+        self.launcher = Launcher(codec)
+        self.launched: collections.deque[LaunchedBatch] = collections.deque()
         self._idle_since: float | None = None  # when the codec last ran out of work
         self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self.committing: collections.deque[tuple[int, UnitCounts, Future]] = collections.deque()
@@ -155,6 +156,7 @@ class Runner:
             self._loop()
         finally:
             # Whatever stopped the loop, what was handed to the writer is written (or fails) before returning.
+            self.launcher.close()
             self._writer_thread.shutdown(wait=True)
         self._finish_commits(wait=True)
         self.stats.stopped_by_signal = self._stop_signal
@@ -169,25 +171,25 @@ class Runner:
             # stays bounded by the batch cap rather than by how fast files decode.
             if len(self.ready) < 2:
                 self._poll(timeout=0.005 if self.ready or self.launched else 0.1)
-            if self.ready:
+            if self.ready and len(self.launched) < 2:
                 self._encode(self.ready.popleft())
-            elif self.launched is not None and self.launched.done():
-                # Nothing to queue behind it: take its rows so its units can commit. Until it is done, keep
-                # polling (the next batch may fill meanwhile) rather than block on the device.
+            # Take the rows of finished batches so their units can commit; until a batch is done, keep polling
+            # (the next batch may fill meanwhile) rather than block on the device.
+            while self.launched and (self.launched[0].done() or len(self.launched) > 1 and self.ready):
                 self._collect()
             self._maybe_flush()
             self._commit_complete()
             if self.no_more_units and not self.open and self.pool.outstanding == 0:
                 break
-        if self.launched is not None:  # stopped by a signal: the batch is on the device already, keep it
+        while self.launched:  # stopped by a signal: these batches are on the device already, keep them
             self._collect()
-            self._commit_complete()
+        self._commit_complete()
 
     def _poll(self, timeout: float) -> None:
         """Take decoded results; time spent blocked with nothing to encode counts as starved."""
         t0 = time.monotonic()
         results = self.pool.poll(timeout=timeout)
-        if not self.ready and self.launched is None and not results:
+        if not self.ready and not self.launched and not results:
             self.stats.starved_s += time.monotonic() - t0
         for result in results:
             self._on_result(result)
@@ -239,26 +241,25 @@ class Runner:
                 self.ready.append(batch)
 
     def _encode(self, batch: Batch) -> None:
-        """Launch ``batch`` on the codec, then collect the one launched before it (one-deep pipeline)."""
+        """Launch ``batch`` on the codec (CUDA: queued from the launcher thread; CPU: encoded now)."""
         t0 = time.monotonic()
-        if self.launched is None and self._idle_since is not None:
+        if not self.launched and self._idle_since is not None:
             self.stats.codec_idle_s += t0 - self._idle_since
         try:
-            launched = launch_batch(self.codec, batch)
+            launched = self.launcher.launch(batch)
         except Exception as e:  # noqa: BLE001 - a batch that cannot be encoded fails its items, not the run
             self._fail_batch(batch, e)
-            launched = None
-        self.stats.encode_s += time.monotonic() - t0
-        if self.launched is not None:
-            self._collect()
-        self.launched = launched
-        if launched is None:
             self._idle_since = time.monotonic()
-        elif launched.ready is None:  # CPU: encoded already, nothing to overlap: take its rows now
+            return
+        finally:
+            self.stats.encode_s += time.monotonic() - t0
+        self.launched.append(launched)
+        if launched.ready is None and launched.queued is None:  # CPU: encoded already, take its rows now
             self._collect()
 
     def _collect(self) -> None:
-        launched, self.launched = self.launched, None
+        """Take the oldest launched batch's rows (waiting for the device if it is not done)."""
+        launched = self.launched.popleft()
         t0 = time.monotonic()
         try:
             encoded = collect_batch(self.codec, launched)
@@ -267,9 +268,10 @@ class Runner:
             return
         finally:
             self.stats.encode_s += time.monotonic() - t0
-            # Idle from here unless _encode launched the next batch before collecting this one; idle time is
-            # only counted at a launch that finds nothing on the codec.
-            self._idle_since = time.monotonic()
+            if not self.launched:
+                # Idle from here unless a batch is launched before this one finishes; idle time is only counted
+                # at a launch that finds nothing on the codec.
+                self._idle_since = time.monotonic()
         self.stats.batches += 1
         for row in encoded:
             unit = self.open[row.unit]

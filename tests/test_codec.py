@@ -107,7 +107,7 @@ def test_convolutions_in_row_groups_give_the_same_codes(tiny_codec_dir: Path) ->
     audio = _batch(2.0, [20, 21, 22, 23, 24])
     whole = codec.encode(audio)
     assert codec._encoder.groups(5, 64_000) == 1  # CPU: never split
-    codec._encoder.max_elements = 2 * codec._encoder.width * (64_000 + 1024)
+    codec._encoder.max_elements = int(2 * codec._encoder.width * (64_000 + 1024))
     assert codec._encoder.groups(5, 64_000) == 3 and codec._encoder.groups(4, 64_000) == 2
     assert torch.equal(codec.encode(audio), whole)
     assert torch.equal(whole, _reference_codes(tiny_codec_dir, audio))

@@ -16,7 +16,7 @@ import torch
 from pipeline.batching import Batch
 from pipeline.codecs import load_codec
 from pipeline.config import CodecConfig
-from pipeline.encode import collect_batch, encode_batch, launch_batch
+from pipeline.encode import Launcher, collect_batch, encode_batch, launch_batch
 from pipeline.tokenize import run
 from pipeline.types import AudioItem, Segment
 from tests.helpers import base_overrides, compose, make_corpus, read_rows
@@ -58,6 +58,24 @@ def test_launch_collect_overlapped_equals_synchronous(tiny_codec_dir):
         for x, y in zip(a, b):
             assert np.array_equal(x.codes, y.codes)
     assert _spread(np.concatenate([s.codes.ravel() for s in sync[0]])) > 100
+
+
+def test_launcher_thread_queues_in_order(tiny_codec_dir):
+    """Batches queued from the launcher thread, collected oldest first: each one's codes are its own."""
+    codec = load_codec(CodecConfig(pretrained=str(tiny_codec_dir), device="cuda", tf32=False))
+    assert codec.device.index is not None  # the thread must not fall back to device 0
+    batches = [_batch(4, 5.0, seed=s) for s in range(4)]
+    sync = [encode_batch(codec, b) for b in batches]
+    launcher = Launcher(codec)
+    try:
+        launched = [launcher.launch(b) for b in batches]
+        threaded = [collect_batch(codec, lb) for lb in launched]
+    finally:
+        launcher.close()
+    assert all(lb.done() for lb in launched)
+    for a, b in zip(sync, threaded):
+        for x, y in zip(a, b):
+            assert np.array_equal(x.codes, y.codes)
 
 
 def test_pipeline_on_cuda_agrees_with_cpu(tmp_path, tiny_codec_dir):
@@ -108,7 +126,7 @@ def test_encode_does_not_wait_for_the_gpu(tiny_codec_dir):
     codec = load_codec(CodecConfig(pretrained=str(tiny_codec_dir), device="cuda"))
     audio = 0.1 * torch.randn(6, 1, 5 * 32000, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     whole = codec.encode(audio)  # warm-up: cuDNN and cuBLAS handles, allocator
-    codec._encoder.max_elements = 2 * codec._encoder.width * (audio.shape[-1] + 1024)  # 3 groups of 2 rows
+    codec._encoder.max_elements = int(2 * codec._encoder.width * (audio.shape[-1] + 1024))  # 3 groups of 2 rows
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

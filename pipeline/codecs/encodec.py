@@ -216,7 +216,7 @@ class SplitEncoder:
             return 1
         # Room for the padding a convolution adds before its output (a few samples per layer).
         per_row = math.ceil(self.width * (length + 1024))
-        fit = max(1, self.max_elements // per_row)
+        fit = max(1, int(self.max_elements) // per_row)
         return -(-rows // fit)
 
     def __call__(self, audio: torch.Tensor) -> torch.Tensor:

@@ -94,6 +94,9 @@ class TransformersCodec(Codec):
             CodecLoadError: the weights are neither a local checkpoint nor reachable/cached on the Hub.
             ValueError: the checkpoint is another family's, or ``cfg`` asks for what the model cannot do.
         """
+        if device.type == "cuda" and device.index is None:
+            # An explicit index: the current device is per thread, and the launcher thread starts on device 0.
+            device = torch.device("cuda", torch.cuda.current_device())
         model, commit = load_pretrained(cls.model_class, cls.model_type, cls.label, cfg)
         provenance = {"commit": commit, "weights_sha256": weights_sha256(model)}
         fold_weight_norm(model)
