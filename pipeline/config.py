@@ -232,7 +232,7 @@ def batch_audio_s(setting: Any, device: str) -> float:
     """``batch.max_audio_s``: ``setting`` itself, or for ``auto`` the batch that suits the device.
 
     CUDA: 1920 s (64 rows of 30 s) from 64 GB of GPU memory, 480 s from 32 GB, else 240 s. On an H200 with EnCodec
-    32 kHz (TF32, 2026-11-27) a batch of 16 rows ran at 4320 audio s/s, 32 at 5006, 64 at 5396, 128 at 5618: the
+    32 kHz (TF32, 2026-11-26) a batch of 16 rows ran at 4320 audio s/s, 32 at 5006, 64 at 5396, 128 at 5618: the
     LSTM's one step per frame costs the same for any number of rows, so wide batches amortise it. EnCodec runs its
     convolutions in groups of at most 34 rows (CUDA's 32-bit index limit), so memory stops growing there: ~40 MB
     per padded audio second up to 960 s (38 GB), then almost nothing (38.3 GB at 64 rows, 39.0 GB at 128). Wider

@@ -122,8 +122,9 @@ def test_gpu_options_in_fingerprint_and_agreement(tiny_codec_dir, options):
 def test_encode_does_not_wait_for_the_gpu(tiny_codec_dir):
     """Queuing an encode never reads a value back from the GPU (transformers' padding arithmetic on device tensors
     did, at every convolution), so ``launch_batch`` returns while the GPU works; with the convolutions split into
-    row groups too."""
-    codec = load_codec(CodecConfig(pretrained=str(tiny_codec_dir), device="cuda"))
+    row groups too. cuDNN picks its algorithms by shape, so groups of other sizes round a little differently (on
+    CPU they give the very codes: tests/test_codec.py)."""
+    codec = load_codec(CodecConfig(pretrained=str(tiny_codec_dir), device="cuda", tf32=False))
     audio = 0.1 * torch.randn(6, 1, 5 * 32000, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     whole = codec.encode(audio)  # warm-up: cuDNN and cuBLAS handles, allocator
     codec._encoder.max_elements = int(2 * codec._encoder.width * (audio.shape[-1] + 1024))  # 3 groups of 2 rows
@@ -133,4 +134,6 @@ def test_encode_does_not_wait_for_the_gpu(tiny_codec_dir):
         split = codec.encode(audio)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert torch.equal(split.cpu(), whole.cpu()) and _spread(whole.cpu().numpy()) > 100
+    agree = float((split.cpu() == whole.cpu()).float().mean())
+    print(f"row groups vs whole batch on CUDA (IEEE fp32): {agree:.5f} of the codes equal")
+    assert agree > 0.97 and _spread(whole.cpu().numpy()) > 100
