@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -94,6 +95,7 @@ class Launcher:
         self.codec = codec
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launch") \
             if codec.device.type == "cuda" else None
+        self.cpu_s = 0.0  # the launcher thread's CPU seconds (filling batches, queuing kernels)
 
     def launch(self, batch: Batch) -> LaunchedBatch:
         """Queue ``batch``; a launch error surfaces from ``collect_batch`` (CUDA) or here (CPU)."""
@@ -101,16 +103,19 @@ class Launcher:
             return launch_batch(self.codec, batch)
         launched = LaunchedBatch(batch)
         # Looked up at call time, so the benchmark's instant codec (which patches launch_batch) runs here too.
-        launched.queued = self._thread.submit(_launch_in_thread, self.codec, batch, launched)
+        launched.queued = self._thread.submit(self._launch_in_thread, batch, launched)
         return launched
+
+    def _launch_in_thread(self, batch: Batch, launched: LaunchedBatch) -> None:
+        t0 = time.thread_time()
+        try:
+            launch_batch(self.codec, batch, launched)
+        finally:
+            self.cpu_s += time.thread_time() - t0
 
     def close(self) -> None:
         if self._thread is not None:
             self._thread.shutdown(wait=True)
-
-
-def _launch_in_thread(codec: Codec, batch: Batch, launched: LaunchedBatch) -> None:
-    launch_batch(codec, batch, launched)
 
 
 def collect_batch(codec: Codec, launched: LaunchedBatch) -> list[EncodedSegment]:

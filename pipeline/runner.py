@@ -96,13 +96,24 @@ class RankStats:
     # loss; on CPU, where encoding is synchronous, everything outside encode.
     codec_idle_s: float = 0.0
     wall_s: float = 0.0
+    # CPU seconds of the parent's threads (the main loop; the pipe reader; the launcher; the writer) and of the
+    # decode workers: which side would limit a faster codec. Workers' busy share = decode_cpu_s / (workers x wall).
+    loop_cpu_s: float = 0.0
+    receive_cpu_s: float = 0.0
+    launch_cpu_s: float = 0.0
+    writer_cpu_s: float = 0.0
+    decode_cpu_s: float = 0.0
+    decode_workers: int = 0
 
     def timing(self) -> str:
         """One line: where the loop's time went, e.g. ``encode 91% (412 batches), starved 3%, commit 2%, ...``."""
         wall = max(self.wall_s, 1e-9)
         return (f"encode {self.encode_s / wall:.0%} ({self.batches} batches), starved {self.starved_s / wall:.0%}, "
                 f"commit {self.commit_s / wall:.0%} (writer busy {self.writer_s / wall:.0%}), "
-                f"codec idle {self.codec_idle_s / wall:.0%} of {self.wall_s:.1f} s")
+                f"codec idle {self.codec_idle_s / wall:.0%} of {self.wall_s:.1f} s; CPU of the parent's threads: "
+                f"loop {self.loop_cpu_s / wall:.0%}, receive {self.receive_cpu_s / wall:.0%}, launch "
+                f"{self.launch_cpu_s / wall:.0%}, writer {self.writer_cpu_s / wall:.0%}; decode workers "
+                f"{self.decode_cpu_s / (wall * max(self.decode_workers, 1)):.0%} busy ({self.decode_workers})")
 
 
 class Runner:
@@ -151,7 +162,7 @@ class Runner:
         self._stop_signal = signum
 
     def run(self) -> RankStats:
-        start = time.monotonic()
+        start, cpu0, receive0 = time.monotonic(), time.thread_time(), self.pool.receive_cpu_s
         try:
             self._loop()
         finally:
@@ -161,6 +172,10 @@ class Runner:
         self._finish_commits(wait=True)
         self.stats.stopped_by_signal = self._stop_signal
         self.stats.wall_s = time.monotonic() - start
+        self.stats.loop_cpu_s = time.thread_time() - cpu0
+        self.stats.receive_cpu_s = self.pool.receive_cpu_s - receive0
+        self.stats.launch_cpu_s = self.launcher.cpu_s
+        self.stats.decode_workers = self.pool.n_workers
         log.info("rank loop: %s", self.stats.timing())
         return self.stats
 
@@ -233,6 +248,7 @@ class Runner:
         unit = self.open[result.unit]
         if result.final:
             unit.results[result.item.index] = result
+            self.stats.decode_cpu_s += result.cpu_s
             return
         unit.pending_segments += len(result.segments)
         for seg in result.segments:
@@ -317,12 +333,13 @@ class Runner:
     def _commit(self, unit: OpenUnit, rows: list[EncodedSegment], failures: list[Failure], counts: UnitCounts,
                 extra: dict) -> None:
         """The writer thread's job: one unit's shard, failure log and marker (``UnitWriter``'s commit protocol)."""
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.thread_time()
         if unit.kept is None:
             self.writer.commit(unit.unit, rows, failures, counts, extra)
         else:
             commit_merged(self.writer, unit.unit, unit.kept, rows, failures, counts, extra)
         self.stats.writer_s += time.monotonic() - t0
+        self.stats.writer_cpu_s += time.thread_time() - cpu0
 
     def _finish_commits(self, wait: bool) -> None:
         """Release the claims of committed units, in order; wait while too many are pending (or all, ``wait``).

@@ -58,6 +58,7 @@ class DecodeResult:
     audio_s: float = 0.0
     dropped_s: float = 0.0
     final: bool = True
+    cpu_s: float = 0.0  # final result from a worker process: the item's CPU seconds there (decode, resample, send)
 
     @property
     def skipped(self) -> bool:
@@ -174,7 +175,16 @@ def _worker_main(conn: Connection, spec: DecodeSpec) -> None:
         seq, task = msg
         send_message(fd, ("start", seq, None))
         _inject_fault(faults, task.item.source)
-        process_item(task, spec, lambda r: send_message(fd, ("done" if r.final else "part", seq, r)))
+        t0 = time.process_time()
+        process_item(task, spec, lambda r: send_message(fd, ("done" if r.final else "part", seq,
+                                                             _with_cpu(r, t0))))
+
+
+def _with_cpu(result: DecodeResult, t0: float) -> DecodeResult:
+    """A final result carries the item's CPU time in this worker (how busy decoding keeps the workers)."""
+    if result.final:
+        result.cpu_s = time.process_time() - t0
+    return result
 
 
 # Worker -> parent messages: a protocol-5 pickle whose arrays travel out of band, each written straight from its
@@ -285,6 +295,7 @@ class DecodePool:
         self._silent_deaths = 0
         self._error: BaseException | None = None
         self.replaced = 0  # workers replaced after a crash or a timeout (for logs and tests)
+        self.receive_cpu_s = 0.0  # the collector thread's CPU seconds (reading the pipes)
         _parse_faults(os.environ.get(FAULT_ENV, ""))  # a typo in the test hook fails here, not in every worker
         for _ in range(workers):
             self._workers.append(self._spawn())
@@ -361,9 +372,11 @@ class DecodePool:
 
     def _collect(self) -> None:
         """Collector thread: drain every worker pipe into the result queue; kill overdue workers, replace dead ones."""
+        t0 = time.thread_time()
         try:
             while not self._closed:
                 self._collect_once()
+                self.receive_cpu_s = time.thread_time() - t0
         except BaseException as e:  # noqa: BLE001 - a bug here must stop the run loudly, not leave it waiting
             with self._lock:
                 self._error = e

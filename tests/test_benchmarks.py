@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,10 @@ def test_benchmark_writes_every_field(tmp_path: Path, tiny_codec_dir: Path) -> N
     host = result["stages"]["host"]
     assert host["stats"]["rows"] == pipeline["stats"]["rows"] and host["stats"]["ok"] == pipeline["stats"]["ok"]
     assert pipeline["rank_loop"].startswith("this rank") and "codec idle" in host["rank_loop"]
+    # Where a faster codec would hit the host: the parent's threads and the workers' busy share, measured.
+    busy = re.search(r"decode workers (\d+)% busy \((\d+)\)", pipeline["rank_loop"])
+    assert busy and int(busy.group(2)) >= 1, pipeline["rank_loop"]  # a tiny job: the share may round to 0%
+    assert re.search(r"loop [1-9]\d*%", pipeline["rank_loop"]), pipeline["rank_loop"]
     codec = result["stages"]["codec"]
     assert codec["batches"] >= 1 and codec["padded_audio_s"] >= codec["segment_audio_s"] > 0
 

@@ -210,6 +210,10 @@ def test_pool_survives_crash_and_hang(tmp_path, monkeypatch):
         "item_06.HANG.wav": ("timeout", "timeout")}
     assert "killed by SIGSEGV" in got["item_01.CRASH.wav"].message
     assert pool.replaced == 3
+    # Decoded items report their CPU time in the worker (the run summary's "decode workers N% busy"), the pipe
+    # reader its own; items that died with their worker report none.
+    assert all(r.cpu_s > 0 for r in results if r.failure is None) and pool.receive_cpu_s > 0
+    assert all(r.cpu_s == 0 for r in results if r.failure is not None)
     assert 3 <= elapsed < 30
 
 
