@@ -6,6 +6,7 @@ depend on what else is in the batch.
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
 
@@ -101,7 +102,10 @@ class StreamSegmenter:
                  source_sample_rate: int, source_channels: int):
         self.item, self.unit, self.policy, self.sample_rate = item, unit, policy, sample_rate
         self.source = (source_sample_rate, source_channels)
-        self.buf: np.ndarray | None = None  # samples from absolute position ``buf_start`` on
+        # The blocks (or their tails) holding samples from absolute position ``buf_start`` on. Kept as they came
+        # and joined once per segment: growing one buffer block by block copied each sample ~5 times per 30 s
+        # window (8% of a decode worker's time, profiled).
+        self.blocks: collections.deque[np.ndarray] = collections.deque()
         self.buf_start = self.total = self.next_start = self.kept_end = 0
         self.last_end = 0  # end of the last window cut (kept or not)
         self.n_segments = 0
@@ -109,7 +113,8 @@ class StreamSegmenter:
 
     def push(self, block: np.ndarray) -> list[Segment]:
         """Add a ``[C, n]`` block; return the windows it completed."""
-        self.buf = block if self.buf is None else np.concatenate([self.buf, block], axis=1)
+        if block.shape[1]:
+            self.blocks.append(block)
         self.total += block.shape[1]
         out = []
         while not self.closed and self.next_start + self.policy.length <= self.total:
@@ -121,23 +126,42 @@ class StreamSegmenter:
         out = []
         if not self.closed and self.next_start < self.total and self.last_end < self.total:
             out = self._cut(self.next_start, self.total)
-        self.buf = None
+        self.blocks.clear()
         return out, (self.total - self.kept_end) / self.sample_rate
 
     def _cut(self, start: int, end: int) -> list[Segment]:
-        chunk = self.buf[:, start - self.buf_start : end - self.buf_start].copy()
+        chunk = self._take(start, end)
         self.last_end = end
         if self.policy.kind == "clip":
             self.closed = True
         self.next_start = start + self.policy.hop
-        drop = min(self.next_start, self.total) - self.buf_start
-        self.buf, self.buf_start = self.buf[:, drop:], self.buf_start + drop
+        self._forget_before(min(self.next_start, self.total))
         if end - start < self.policy.min_len:
             return []
         self.kept_end = end
         self.n_segments += 1
         return [Segment(self.item, self.unit, self.n_segments - 1, start / self.sample_rate, chunk,
                         self.policy.padded_len(end - start), *self.source)]
+
+    def _take(self, start: int, end: int) -> np.ndarray:
+        """A new contiguous ``[C, end - start]`` array of the buffered samples ``[start, end)`` (``start < end``)."""
+        pieces, pos = [], self.buf_start
+        for block in self.blocks:
+            lo, hi = max(start - pos, 0), min(end - pos, block.shape[1])
+            if lo < hi:
+                pieces.append(block[:, lo:hi])
+            pos += block.shape[1]
+            if pos >= end:
+                break
+        return np.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0].copy()
+
+    def _forget_before(self, position: int) -> None:
+        """Drop the buffered samples before ``position`` (a view keeps the rest of a partly used block)."""
+        while self.blocks and self.buf_start + self.blocks[0].shape[1] <= position:
+            self.buf_start += self.blocks.popleft().shape[1]
+        if self.blocks and self.buf_start < position:
+            self.blocks[0] = self.blocks[0][:, position - self.buf_start:]
+            self.buf_start = position
 
 
 def segment_item(item: AudioItem, unit: int, audio: DecodedAudio, policy: SegmentPolicy) -> SegmentResult:

@@ -61,3 +61,33 @@ def test_stream_equals_whole_file_decode(tmp_path):
     for a, b in zip(parts, whole):
         assert (a.start_s, a.padded_len) == (b.start_s, b.padded_len)
         np.testing.assert_array_equal(a.audio, b.audio)
+
+
+def test_streamed_segments_are_the_spans_of_the_whole_item():
+    """Blocks of any size, windows with overlap or gaps, clips, short tails: the streamed segments are exactly the
+    policy's spans cut from the whole array (then the min_len rule), and each is its own contiguous copy."""
+    from pipeline.segment import StreamSegmenter
+    from pipeline.types import AudioItem
+
+    rng = np.random.default_rng(3)
+    item = AudioItem(index=0, id="x", source="x.wav")
+    policies = [SegmentPolicy("window", 100, 100, 30, 100), SegmentPolicy("window", 100, 40, 0, 50),
+                SegmentPolicy("window", 60, 150, 10, 60), SegmentPolicy("clip", 120, 120, 0, 40)]
+    for policy in policies:
+        for n in (0, 1, 99, 100, 101, 257, 1000):
+            audio = rng.standard_normal((2, n)).astype(np.float32)
+            cutter = StreamSegmenter(item, 0, policy, 32000, 44100, 2)
+            got, pos = [], 0
+            while pos < n:
+                step = int(rng.integers(1, 130))
+                got += cutter.push(audio[:, pos : pos + step])
+                pos += step
+            tail, dropped_s = cutter.finish()
+            got += tail
+            want = [(a, b) for a, b in policy.spans(n) if b - a >= policy.min_len]
+            assert [(round(s.start_s * 32000), s.n_samples) for s in got] == [(a, b - a) for a, b in want]
+            for seg, (a, b) in zip(got, want):
+                assert np.array_equal(seg.audio, audio[:, a:b]) and seg.audio.flags["C_CONTIGUOUS"]
+                assert not np.shares_memory(seg.audio, audio)
+            kept_end = max((b for _, b in want), default=0)
+            assert dropped_s == (n - kept_end) / 32000
