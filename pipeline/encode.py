@@ -89,12 +89,17 @@ class Launcher:
     ("Command Buffer Full" in a profile of one 64-row batch: the host was blocked 96% of the encode). From a thread
     (torch releases the GIL in its ops, numpy in large copies) the loop meanwhile takes decoded audio and commits.
     One thread keeps the batches in launch order on the device.
+
+    Args:
+        codec: the codec batches go to.
+        threaded: launch from the thread (default: on CUDA only; the tests force it on CPU to cover the loop's
+            path with batches in flight).
     """
 
-    def __init__(self, codec: Codec):
+    def __init__(self, codec: Codec, threaded: bool | None = None):
         self.codec = codec
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launch") \
-            if codec.device.type == "cuda" else None
+        threaded = codec.device.type == "cuda" if threaded is None else threaded
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launch") if threaded else None
         self.cpu_s = 0.0  # the launcher thread's CPU seconds (filling batches, queuing kernels)
 
     def launch(self, batch: Batch) -> LaunchedBatch:

@@ -168,6 +168,40 @@ def test_same_codes_whatever_the_order_and_batch_mates(tokenized, corpus, tmp_pa
         np.testing.assert_array_equal(row["codes"], full[key]["codes"], err_msg=str(key))
 
 
+def test_batches_in_flight_from_the_launcher_thread(corpus, tmp_path, tiny_codec_dir, monkeypatch):
+    """The CUDA path of the loop (batches queued from the launcher thread, up to two in flight, collected when
+    done), forced on CPU: the same rows as the synchronous loop (one-row batches: ten of them), every item
+    accounted for."""
+    import functools
+
+    import pipeline.runner
+    from pipeline.encode import Launcher
+
+    in_flight = []
+    encode = pipeline.runner.Runner._encode
+
+    def counting_encode(self, batch):
+        encode(self, batch)
+        in_flight.append(len(self.launched))
+
+    monkeypatch.setattr(pipeline.runner.Runner, "_encode", counting_encode)
+    outs = {}
+    for threaded in (False, True):
+        monkeypatch.setattr(pipeline.runner, "Launcher", functools.partial(Launcher, threaded=threaded))
+        outs[threaded] = tmp_path / str(threaded)
+        assert run(compose(base_overrides(corpus, outs[threaded], tiny_codec_dir, "batch.max_audio_s=10"))) == 0
+        if not threaded:
+            assert max(in_flight) == 0  # synchronous: collected at once
+            in_flight.clear()
+    assert max(in_flight) == 2  # threaded: a second batch queued behind a running one
+    plain, threaded = read_rows(outs[False]), read_rows(outs[True])
+    assert set(threaded) == set(plain) and len(plain) >= 10
+    for key, row in threaded.items():
+        np.testing.assert_array_equal(row["codes"], plain[key]["codes"], err_msg=str(key))
+    stats = json.loads((outs[True] / "stats.json").read_text())
+    assert stats["items"] == stats["ok"] + stats["failed"] + stats["skipped"] and stats["rows"] == len(plain)
+
+
 def test_rerun_of_finished_job_does_no_work(tokenized, capsys):
     cfg, out = tokenized
     before = {p: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")}
