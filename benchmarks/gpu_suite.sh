@@ -10,6 +10,7 @@
 # Results (JSON, logs) go to $OUT (default out/gpu). Runs from the repo root:
 #   bash benchmarks/gpu_suite.sh                       # on the GPU machine (about 7 minutes on an H200)
 #   STEPS="tests e2e e2e_compile" bash benchmarks/gpu_suite.sh    # some steps only (about 4 minutes)
+# Steps: tests options e2e narrow bf16 compile (the default set), and e2e_compile e2e_2ranks e2e_compile_long.
 #   SMALL=1 DEVICE=cpu bash benchmarks/gpu_suite.sh    # a rehearsal on CPU with the tiny codec
 set -u
 OUT=${OUT:-out/gpu}
@@ -63,6 +64,11 @@ e2e() {  # name, batch.max_audio_s (auto: the config's), stages, extra args
 }
 want e2e && e2e wide $WIDE codec,pipeline,host
 want e2e_compile && e2e wide_compile $WIDE pipeline --no-storage --set codec.compile=true
+# Two ranks on the one GPU: two parents (two GILs) share the host work, the GPU interleaves their batches.
+want e2e_2ranks && e2e wide_2ranks $WIDE pipeline,host --no-storage --nproc 2
+# compile on a job long enough to pay its ~10 s (4x the audio).
+want e2e_compile_long && COPIES_LONG=$((COPIES * 4)) && e2e wide_compile_long $WIDE pipeline --no-storage \
+  --set codec.compile=true --copies $COPIES_LONG
 want narrow && e2e narrow $NARROW codec,pipeline --no-storage
 want bf16 && e2e wide_bf16 $WIDE codec,pipeline --no-storage --set codec.dtype=bfloat16
 
