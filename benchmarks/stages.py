@@ -66,6 +66,7 @@ def codec(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from pipeline.codecs import load_codec, resolve_device
+    from pipeline.encode import encode_batch
 
     cfg = compose(spec["overrides"])
     rank, world = _rank()
@@ -79,7 +80,7 @@ def codec(spec: dict[str, Any]) -> dict[str, Any]:
     decoded = time.time()
     warm_start = time.time()
     for shape in sorted({(b.rows, b.padded_len) for b in batches}):
-        _encode(model, next(b for b in batches if (b.rows, b.padded_len) == shape), device)
+        encode_batch(model, next(b for b in batches if (b.rows, b.padded_len) == shape))  # waits for the device
     warm_s = time.time() - warm_start
     _reset_gpu_peak(device)
     _barrier(world)  # ranks start the clock together, after every one has loaded, decoded and warmed up
@@ -122,15 +123,6 @@ def _batches(cfg: RunConfig, model, repeat: int = 1) -> list:
         if (batch := batcher.add(seg)) is not None:
             batches.append(batch)
     return batches + batcher.flush()
-
-
-def _encode(model, batch, device) -> None:
-    import torch
-
-    audio = torch.from_numpy(batch.to_array())
-    if device.type == "cuda":  # as pipeline.encode does: pinned memory, asynchronous copy
-        audio = audio.pin_memory().to(device, non_blocking=True)
-    model.encode(audio).cpu()  # .cpu() waits for the GPU
 
 
 def _encode_as_the_pipeline(model, batches: list) -> None:
