@@ -198,6 +198,7 @@ def test_batches_in_flight_from_the_launcher_thread(corpus, tmp_path, tiny_codec
     assert set(threaded) == set(plain) and len(plain) >= 10
     for key, row in threaded.items():
         np.testing.assert_array_equal(row["codes"], plain[key]["codes"], err_msg=str(key))
+    assert len(np.unique(np.concatenate([r["codes"].ravel() for r in threaded.values()]))) > 500
     stats = json.loads((outs[True] / "stats.json").read_text())
     assert stats["items"] == stats["ok"] + stats["failed"] + stats["skipped"] and stats["rows"] == len(plain)
 
