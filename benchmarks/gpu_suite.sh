@@ -10,7 +10,8 @@
 # Results (JSON, logs) go to $OUT (default out/gpu). Runs from the repo root:
 #   bash benchmarks/gpu_suite.sh                       # on the GPU machine (about 7 minutes on an H200)
 #   STEPS="tests e2e e2e_compile" bash benchmarks/gpu_suite.sh    # some steps only (about 4 minutes)
-# Steps: tests options e2e narrow bf16 compile (the default set), and e2e_compile e2e_2ranks e2e_compile_long.
+# Steps: tests options e2e narrow bf16 compile (the default set), and decode (after an e2e step: it decodes its
+# corpus) e2e_compile e2e_2ranks e2e_compile_long.
 #   SMALL=1 DEVICE=cpu bash benchmarks/gpu_suite.sh    # a rehearsal on CPU with the tiny codec
 set -u
 OUT=${OUT:-out/gpu}
@@ -34,6 +35,7 @@ quiet() { grep -v "Loading weights\|^\[bench\]"; }
 
 step "machine"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1; nproc; free -g | head -2
+  lscpu 2>&1 | grep -E "^(Model name|Socket|Core|Thread|CPU\(s\)|NUMA node\(s\)|CPU max MHz)"
   $PY -c "import torch, transformers, pyarrow, soundfile, soxr, av; print('torch', torch.__version__, 'cuda',
 torch.version.cuda, 'transformers', transformers.__version__, 'pyarrow', pyarrow.__version__, 'soxr', soxr.__version__,
 'libsndfile', soundfile.__libsndfile_version__, 'av', av.__version__)"; } 2>&1 | tee -a "$LOG"
@@ -63,6 +65,12 @@ e2e() {  # name, batch.max_audio_s (auto: the config's), stages, extra args
     | tee -a "$LOG"
 }
 want e2e && e2e wide $WIDE codec,pipeline,host
+# The decode workers' ceiling by process count, on the corpus the e2e steps generated (do they scale per core?).
+if want decode; then
+  step "decode scaling"
+  timeout 120 $PY -m benchmarks.decode_scaling --files /tmp/gpu-bench/audio --limit ${DECODE_FILES:-96} \
+    --procs ${DECODE_PROCS:-4,8,12,14,16} --out "$OUT/decode_scaling.json" 2>&1 | tee -a "$LOG"
+fi
 want e2e_compile && e2e wide_compile $WIDE pipeline --no-storage --set codec.compile=true
 # Two ranks on the one GPU: two parents (two GILs) share the host work, the GPU interleaves their batches.
 want e2e_2ranks && e2e wide_2ranks $WIDE pipeline,host --no-storage --nproc 2

@@ -99,6 +99,12 @@ _UNKNOWN_FRAMES = 2**62
 # whatever the file length; measured: soxr's stream gives bit-identical output to one-shot resampling.
 BLOCK_FRAMES = 1 << 17
 
+# Subtypes read as int16 and scaled here: libsndfile's float for 16-bit PCM is exactly ``x / 32768`` (WAV, AIFF,
+# FLAC; tested bit for bit), integers need no NaN check, and the stereo downmix is exact in integers. Measured:
+# a decode worker spends ~15% less CPU on 16-bit FLAC (libsndfile's per-sample float loop, the finite check and
+# the float downmix were a quarter of it).
+_INT16_SUBTYPES = frozenset({"PCM_16"})
+
 
 @dataclass(slots=True)
 class AudioStream:
@@ -251,11 +257,13 @@ def _soundfile_open(source: AudioSource, label: str) -> tuple[int, int, Iterator
 
 
 def _soundfile_blocks(f: sf.SoundFile, label: str) -> Iterator[np.ndarray]:
+    """``[C, n]`` blocks: int16 for 16-bit PCM (see ``_INT16_SUBTYPES``), float32 otherwise."""
+    dtype = "int16" if f.subtype in _INT16_SUBTYPES else "float32"
     with f:
         n_read = 0
         while True:
             try:
-                block = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+                block = f.read(BLOCK_FRAMES, dtype=dtype, always_2d=True)
             except Exception as e:  # noqa: BLE001 - past the header, a read error means the data is broken
                 raise UndecodableAudio(f"{label}: soundfile failed after {n_read} frames: {type(e).__name__}: {e}")
             if not len(block):
@@ -334,12 +342,26 @@ def _open_any(source: AudioSource, label: str) -> tuple[int, int, Iterator[np.nd
 
 
 def _validate_block(block: np.ndarray, label: str, offset: int) -> None:
+    if block.dtype.kind == "i":  # integer samples are finite
+        return
     bad = block.size - int(np.count_nonzero(np.isfinite(block)))
     if bad:
         raise NonFiniteAudio(f"{label}: {bad} NaN/Inf samples in the block at frame {offset}")
 
 
 def _apply_channel_policy(samples: np.ndarray, channels: str) -> np.ndarray:
+    """float32 ``[1 or 2, n]`` from a ``[C, n]`` block (float32, or int16 read as such: see ``_INT16_SUBTYPES``)."""
+    if samples.dtype == np.int16:
+        if channels == "mono" and samples.shape[0] == 2:
+            # (L + R) / 2 of the float samples, exactly: L + R is exact in int32 and in float32 (17 bits), and
+            # scaling by a power of two is exact, so this equals the float path's result bit for bit.
+            total = samples[0].astype(np.int32)
+            total += samples[1]
+            out = total.astype(np.float32)
+            out *= np.float32(2.0**-16)
+            return out[None]
+        samples = samples.astype(np.float32)
+        samples *= np.float32(2.0**-15)
     if channels == "mono":
         if samples.shape[0] == 2:
             # 4x faster than mean() on the [C, n] view of soundfile's frames (a reduction over a 2-long axis) and

@@ -97,6 +97,9 @@ class UnitWriter:
         self.layout, self.n_units = layout, n_units
         self.schema = row_schema(num_codebooks).with_metadata({k.encode(): v.encode() for k, v in file_metadata.items()})
         self.compression, self.compression_level = compression, compression_level
+        # pa.array imports pandas on its first call (to check for pandas objects): ~0.5 s holding the GIL, which
+        # in the writer thread stalled the loop's first commit (profiled). Pay it here, before the loop.
+        self.rows_table([])
 
     def commit(self, unit: int, rows: list[EncodedSegment], failures: list[Failure], counts: UnitCounts,
                marker_extra: dict[str, Any]) -> None:

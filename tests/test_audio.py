@@ -326,3 +326,40 @@ def test_mono_downmix_is_numpy_mean_bit_for_bit(channels):
     got = _apply_channel_policy(samples, "mono")
     assert got.shape == want.shape and got.dtype == np.float32
     assert np.array_equal(got.view(np.int32), want.view(np.int32))
+
+
+@pytest.mark.parametrize("channels_out", ["mono", "stereo"])
+@pytest.mark.parametrize(("suffix", "channels"), [(".wav", 2), (".flac", 2), (".flac", 1), (".aiff", 3)])
+def test_16_bit_pcm_read_as_integers_is_bit_identical(tmp_path, monkeypatch, suffix, channels, channels_out):
+    """16-bit PCM is read as int16 and scaled here (faster); the floats must be libsndfile's float read's, bit for
+    bit, through the downmix and the resampler: full-scale samples, both extremes, more than one block."""
+    import pipeline.audio as audio_mod
+
+    sr = 44100
+    rng = np.random.default_rng(channels)
+    n = audio_mod.BLOCK_FRAMES + 4321
+    ints = rng.integers(-32768, 32768, (channels, n), dtype=np.int32)
+    ints[:, :50] = -32768
+    ints[:, 50:100] = 32767
+    ints[0, 100:150], ints[-1, 100:150] = -32768, 32767  # L + R = -1
+    path = tmp_path / f"x{suffix}"
+    sf.write(str(path), (ints.T / 32768.0).astype(np.float64), sr, subtype="PCM_16")
+
+    _, _, blocks = audio_mod._soundfile_open(str(path), "x")
+    assert next(blocks).dtype == np.int16  # the integer path is the one under test
+    fast = decode_audio(path, target_sr=TARGET_SR, channels=channels_out).samples
+    monkeypatch.setattr(audio_mod, "_INT16_SUBTYPES", frozenset())
+    _, _, blocks = audio_mod._soundfile_open(str(path), "x")
+    assert next(blocks).dtype == np.float32
+    slow = decode_audio(path, target_sr=TARGET_SR, channels=channels_out).samples
+
+    assert fast.dtype == slow.dtype == np.float32 and fast.shape == slow.shape
+    assert np.array_equal(fast.view(np.int32), slow.view(np.int32))
+
+
+def test_24_bit_pcm_is_read_as_floats(tmp_path):
+    import pipeline.audio as audio_mod
+
+    path = dummies.write_audio(tmp_path / "x.flac", dummies.synth(0.2, 44100, 2), 44100, "PCM_24")
+    _, _, blocks = audio_mod._soundfile_open(str(path), "x")
+    assert next(blocks).dtype == np.float32
