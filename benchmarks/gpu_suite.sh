@@ -86,4 +86,5 @@ timeout 150 $PY -m benchmarks.gpu_options --codec $CODEC --device "$DEVICE" --ro
   --settings "$COMPILE" --sweep-rows "" --budget-s 120 --out "$OUT/gpu_options_compile.json" 2>&1 | quiet \
   | tee -a "$LOG"
 fi
+cp /tmp/gpu-bench/*.log "$OUT/" 2>/dev/null  # each stage's own log: the run summaries, warnings
 step "done"

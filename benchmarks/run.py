@@ -233,7 +233,8 @@ def measure_stage(stage: str, args: argparse.Namespace, work: Path, files: list[
                   audio_s_per_cpu_s=audio_s / record["work_cpu_s"])
     if stage in ("pipeline", "host"):
         record["stats"] = _pipeline_stats(out)
-        record["rank_loop"] = _rank_loop(work / f"{label}.log")
+        record["rank_loop"] = _summary_line(work / f"{label}.log", "this rank")
+        record["wall_time"] = _summary_line(work / f"{label}.log", "wall time")
     print(f"[bench] {label}: {audio_s / timed:.2f} audio s/s, peak RSS {m.peak_rss_mb:.0f} MB", flush=True)
     return record
 
@@ -253,10 +254,11 @@ def merge_ranks(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def _rank_loop(log: Path) -> str | None:
-    """The run summary's ``this rank`` line: the loop's own rate (start-up excluded) and where its time went."""
+def _summary_line(log: Path, head: str) -> str | None:
+    """A line of the run summary: ``this rank`` (the loop's own rate, start-up excluded, and where its time went)
+    or ``wall time`` (the run's phases: codec load, plan, warm-up, loop, finalize)."""
     try:
-        return next((line.strip() for line in log.read_text().splitlines() if line.startswith("this rank")), None)
+        return next((line.strip() for line in log.read_text().splitlines() if line.startswith(head)), None)
     except OSError:
         return None
 
@@ -396,7 +398,7 @@ def report(result: dict[str, Any]) -> str:
         gpu = f"  GPU {r['peak_gpu_allocated_mb']:.0f} MB" if "peak_gpu_allocated_mb" in r else ""
         lines.append(f"{name[:41]:<42}{r['audio_s_per_s']:>10.2f}{r['rtf']:>8.3f}{r['timed_s']:>9.1f}"
                      f"{r['cpu_s']:>8.1f}{r['peak_rss_mb']:>8.0f}MB{r['peak_tree_rss_mb']:>8.0f}MB{pss:>8.0f}MB{gpu}")
-    lines += [f"{r['label']}: {r['rank_loop']}" for r in rows if r.get("rank_loop")]
+    lines += [f"{r['label']}: {r[key]}" for r in rows for key in ("rank_loop", "wall_time") if r.get(key)]
     lines.append("")
     for name, value in result.get("ratios", {}).items():
         lines.append(f"{name}: {'n/a' if value is None else f'{value:.2f}'}")

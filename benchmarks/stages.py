@@ -170,12 +170,12 @@ def host(spec: dict[str, Any]) -> dict[str, Any]:
     import pipeline.encode
     from pipeline.encode import LaunchedBatch
 
-    def instant(codec, batch, launched=None):
+    def instant(codec, batch, launched=None, host=None):
         launched = launched or LaunchedBatch(batch)
         frames = codec.n_frames(batch.padded_len)
-        # The copy into pinned memory stays (the caching host allocator reuses the buffers, as in the pipeline).
-        pinned = codec.device.type == "cuda"
-        batch.fill(torch.empty((batch.rows, batch.row_channels, batch.padded_len), pin_memory=pinned).numpy())
+        # The fill into pinned memory stays (here, or in the Launcher's fill thread as in the pipeline).
+        if host is None:
+            pipeline.encode.fill_host(codec, batch)
         launched.codes = torch.zeros((batch.rows, codec.num_codebooks, frames), dtype=torch.int64)
         return launched
 

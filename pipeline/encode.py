@@ -56,20 +56,31 @@ class LaunchedBatch:
         return self.ready is None or self.ready.query()
 
 
-def launch_batch(codec: Codec, batch: Batch, launched: LaunchedBatch | None = None) -> LaunchedBatch:
+def fill_host(codec: Codec, batch: Batch) -> torch.Tensor:
+    """The batch as a float32 ``[rows, row_channels, padded_len]`` host tensor, pinned on CUDA (filled directly:
+    no pageable copy first)."""
+    if codec.device.type != "cuda":
+        return torch.from_numpy(batch.to_array())
+    with torch.cuda.device(codec.device):  # a thread starts on device 0 (the current device is per thread)
+        host = torch.empty((batch.rows, batch.row_channels, batch.padded_len), dtype=torch.float32, pin_memory=True)
+    batch.fill(host.numpy())
+    return host
+
+
+def launch_batch(codec: Codec, batch: Batch, launched: LaunchedBatch | None = None,
+                 host: torch.Tensor | None = None) -> LaunchedBatch:
     """Queue one batch's encode (CUDA: asynchronous; CPU: runs now). Collect it with ``collect_batch``.
 
-    ``launched``: fill this one in (a ``Launcher`` thread's) instead of making a new one.
+    ``launched``: fill this one in (a ``Launcher`` thread's) instead of making a new one. ``host``: the batch
+    already filled by ``fill_host``.
     """
     launched = launched or LaunchedBatch(batch)
+    host = fill_host(codec, batch) if host is None else host
     if codec.device.type != "cuda":
-        launched.codes, launched.scales = codec.encode_with_scales(torch.from_numpy(batch.to_array()))
+        launched.codes, launched.scales = codec.encode_with_scales(host)
         return launched
-    # Fill pinned memory directly (no pageable copy first), then copy without blocking the host; the caching
-    # host allocator keeps the buffer alive until the copy is done.
-    with torch.cuda.device(codec.device):  # a launcher thread starts on device 0 (the current device is per thread)
-        host = torch.empty((batch.rows, batch.row_channels, batch.padded_len), dtype=torch.float32, pin_memory=True)
-        batch.fill(host.numpy())
+    # The copy does not block the host; the caching host allocator keeps the pinned buffer alive until it is done.
+    with torch.cuda.device(codec.device):
         codes, scales = codec.encode_with_scales(host.to(codec.device, non_blocking=True))
         launched.codes = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True).copy_(codes, non_blocking=True)
         launched.scales = None if scales is None else \
@@ -81,46 +92,74 @@ def launch_batch(codec: Codec, batch: Batch, launched: LaunchedBatch | None = No
 
 
 class Launcher:
-    """Launches batches on the codec: on CUDA from one background thread, on CPU in the caller.
+    """Launches batches on the codec: on CUDA from background threads, on CPU in the caller.
 
     Queuing an encode on CUDA is not free for the host: filling the pinned batch (hundreds of MB at wide batches)
     and, above all, launching the kernels: EnCodec's LSTM launches a few kernels per frame (1500 frames a 30 s row),
     past the driver's queue of pending launches, so queuing a batch blocked until the GPU had nearly run it
-    ("Command Buffer Full" in a profile of one 64-row batch: the host was blocked 96% of the encode). From a thread
+    ("Command Buffer Full" in a profile of one 64-row batch: the host was blocked 96% of the encode). From threads
     (torch releases the GIL in its ops, numpy in large copies) the loop meanwhile takes decoded audio and commits.
-    One thread keeps the batches in launch order on the device.
+
+    Two threads, one job each, each in launch order: one fills the next batch's pinned memory while the other is
+    still queuing the current batch's kernels. With one thread doing both, the GPU ran dry during every fill: the
+    launch thread leaves a batch only once the GPU is within the driver's queue of its end, then spent ~50 ms
+    filling the next one (an H200 with 14 decode workers: the pipeline's loop at 0.87x the codec, launch thread
+    90% busy).
 
     Args:
         codec: the codec batches go to.
-        threaded: launch from the thread (default: on CUDA only; the tests force it on CPU to cover the loop's
+        threaded: launch from the threads (default: on CUDA only; the tests force it on CPU to cover the loop's
             path with batches in flight).
     """
 
     def __init__(self, codec: Codec, threaded: bool | None = None):
         self.codec = codec
         threaded = codec.device.type == "cuda" if threaded is None else threaded
+        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fill") if threaded else None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launch") if threaded else None
-        self.cpu_s = 0.0  # the launcher thread's CPU seconds (filling batches, queuing kernels)
+        self.fill_cpu_s = 0.0  # the fill thread's CPU seconds (pinned batches)
+        self.cpu_s = 0.0  # the launch thread's CPU seconds (queuing copies and kernels)
 
     def launch(self, batch: Batch) -> LaunchedBatch:
         """Queue ``batch``; a launch error surfaces from ``collect_batch`` (CUDA) or here (CPU)."""
         if self._thread is None:
             return launch_batch(self.codec, batch)
         launched = LaunchedBatch(batch)
-        # Looked up at call time, so the benchmark's instant codec (which patches launch_batch) runs here too.
-        launched.queued = self._thread.submit(self._launch_in_thread, batch, launched)
+        filled = self._filler.submit(self._fill_in_thread, batch)
+        # launch_batch is looked up at call time, so the benchmark's instant codec (which patches it) runs here too.
+        launched.queued = self._thread.submit(self._launch_in_thread, batch, launched, filled)
         return launched
 
-    def _launch_in_thread(self, batch: Batch, launched: LaunchedBatch) -> None:
+    def _fill_in_thread(self, batch: Batch) -> torch.Tensor:
         t0 = time.thread_time()
         try:
-            launch_batch(self.codec, batch, launched)
+            return fill_host(self.codec, batch)
+        finally:
+            self.fill_cpu_s += time.thread_time() - t0
+
+    def _launch_in_thread(self, batch: Batch, launched: LaunchedBatch, filled: Future) -> None:
+        host = filled.result()  # a fill error is this batch's launch error
+        t0 = time.thread_time()
+        try:
+            launch_batch(self.codec, batch, launched, host)
         finally:
             self.cpu_s += time.thread_time() - t0
 
     def close(self) -> None:
         if self._thread is not None:
+            self._filler.shutdown(wait=True)
             self._thread.shutdown(wait=True)
+
+
+def warm_up(codec: Codec, rows: int, padded_len: int, row_channels: int = 1) -> float:
+    """On CUDA, encode one batch of zeros of the given shape before the loop: ``torch.compile`` builds its graph
+    (~10 s for EnCodec) and cuDNN and the caching allocators settle, so the loop's first units (and its clock)
+    do not pay for it. Returns the seconds it took; nothing on CPU (0.0)."""
+    if codec.device.type != "cuda":
+        return 0.0
+    t0 = time.monotonic()
+    collect_batch(codec, launch_batch(codec, Batch(padded_len, rows, row_channels=row_channels)))
+    return time.monotonic() - t0
 
 
 def collect_batch(codec: Codec, launched: LaunchedBatch) -> list[EncodedSegment]:

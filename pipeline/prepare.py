@@ -169,6 +169,7 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
     """Wire the loaded codec, decode pool, batcher, writer and claims into this rank's Runner."""
     from pipeline.batching import BatchPolicy
     from pipeline.claims import Claims
+    from pipeline.encode import warm_up
     from pipeline.finalize import codec_info
     from pipeline.progress import Progress
     from pipeline.runner import Runner
@@ -190,7 +191,12 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
     # Units waiting on a partial batch are normal while it fills: up to a full batch of them (one segment each)
     # before one is encoded part-empty (a fixed 4 made 8-row batches go out half full, measured).
     max_waiting = max(4, batches.rows_for(segments.length) // batches.channels)
-    return Runner(
+    # The full-length bucket is the common shape (every window but an item's last); other buckets compile lazily.
+    warmup_s = warm_up(codec, batches.rows_for(segments.length), segments.length, batches.row_channels)
+    if warmup_s:
+        log.info("codec warm-up at %d x %d samples: %.1f s", batches.rows_for(segments.length), segments.length,
+                 warmup_s)
+    runner = Runner(
         job.plan, job.items, job.layout, codec,
         DecodePool(spec, cfg.decode.workers, cfg.decode.timeout_s,
                    # two batches' worth of decoded audio may wait for the codec; beyond that workers pause
@@ -202,3 +208,5 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
         marker_extra={"fingerprint": job.plan.fingerprint, "codec": info.__dict__, "rank": ranks.rank},
         max_waiting_units=max_waiting,
     )
+    runner.stats.warmup_s = warmup_s
+    return runner

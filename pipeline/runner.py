@@ -96,14 +96,23 @@ class RankStats:
     # loss; on CPU, where encoding is synchronous, everything outside encode.
     codec_idle_s: float = 0.0
     wall_s: float = 0.0
-    # CPU seconds of the parent's threads (the main loop; the pipe reader; the launcher; the writer) and of the
-    # decode workers: which side would limit a faster codec. Workers' busy share = decode_cpu_s / (workers x wall).
+    # CPU seconds of the parent's threads (the main loop; the pipe reader; the launcher's fill and launch threads;
+    # the writer) and of the decode workers: which side would limit a faster codec. Workers' busy share =
+    # decode_cpu_s / (workers x wall).
     loop_cpu_s: float = 0.0
     receive_cpu_s: float = 0.0
+    fill_cpu_s: float = 0.0
     launch_cpu_s: float = 0.0
     writer_cpu_s: float = 0.0
     decode_cpu_s: float = 0.0
     decode_workers: int = 0
+    warmup_s: float = 0.0  # the codec's warm-up before the loop (CUDA: torch.compile, cuDNN), inside "stages"
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds of each phase of the run, in order
+
+    def phases_line(self) -> str:
+        """``ranks 0.1 s, codec 2.3 s, plan 0.4 s, stages 1.5 s (warm-up 1.1 s), loop 14.4 s, finalize 0.3 s``."""
+        return ", ".join(f"{name} {s:.1f} s" + (f" (warm-up {self.warmup_s:.1f} s)" if name == "stages" and
+                                                 self.warmup_s else "") for name, s in self.phases.items())
 
     def timing(self) -> str:
         """One line: where the loop's time went, e.g. ``encode 91% (412 batches), starved 3%, commit 2%, ...``."""
@@ -111,8 +120,8 @@ class RankStats:
         return (f"encode {self.encode_s / wall:.0%} ({self.batches} batches), starved {self.starved_s / wall:.0%}, "
                 f"commit {self.commit_s / wall:.0%} (writer busy {self.writer_s / wall:.0%}), "
                 f"codec idle {self.codec_idle_s / wall:.0%} of {self.wall_s:.1f} s; CPU of the parent's threads: "
-                f"loop {self.loop_cpu_s / wall:.0%}, receive {self.receive_cpu_s / wall:.0%}, launch "
-                f"{self.launch_cpu_s / wall:.0%}, writer {self.writer_cpu_s / wall:.0%}; decode workers "
+                f"loop {self.loop_cpu_s / wall:.0%}, receive {self.receive_cpu_s / wall:.0%}, fill "
+                f"{self.fill_cpu_s / wall:.0%}, launch {self.launch_cpu_s / wall:.0%}, writer {self.writer_cpu_s / wall:.0%}; decode workers "
                 f"{self.decode_cpu_s / (wall * max(self.decode_workers, 1)):.0%} busy ({self.decode_workers})")
 
 
@@ -174,6 +183,7 @@ class Runner:
         self.stats.wall_s = time.monotonic() - start
         self.stats.loop_cpu_s = time.thread_time() - cpu0
         self.stats.receive_cpu_s = self.pool.receive_cpu_s - receive0
+        self.stats.fill_cpu_s = self.launcher.fill_cpu_s
         self.stats.launch_cpu_s = self.launcher.cpu_s
         self.stats.decode_workers = self.pool.n_workers
         log.info("rank loop: %s", self.stats.timing())

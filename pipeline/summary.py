@@ -27,6 +27,8 @@ def print_summary(stats: dict[str, Any] | None, job, rank_stats) -> None:
             lines.append(f"this rank   {rank_stats.units} units, {rank_stats.audio_s / 3600:.3f} h in "
                          f"{rank_stats.wall_s:.1f} s ({rank_stats.audio_s / max(rank_stats.wall_s, 1e-9):.0f}x "
                          f"realtime); {rank_stats.timing()}")
+        if rank_stats is not None and rank_stats.phases:
+            lines.append(f"{'wall time':<11} {rank_stats.phases_line()}")
         lines += _reason_lines(stats["failures_by_reason"])
     lines.append("=" * 72)
     print("\n".join(lines), flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +32,20 @@ class RankInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+class PhaseClock:
+    """Wall seconds per phase of a run, for the summary (where a short job's time goes besides the loop)."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def mark(self, name: str) -> None:
+        """The phase ``name`` ends now (a repeated name adds up)."""
+        now = time.monotonic()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now
 
 
 def setup_ranks(cfg: RunConfig) -> RankInfo:
@@ -68,7 +83,9 @@ def run(cfg: RunConfig) -> int:
     from pipeline.prepare import build_stages, looks_finished, prepare
     from pipeline.summary import print_summary
 
+    clock = PhaseClock()
     ranks = setup_ranks(cfg)
+    clock.mark("ranks")
     cfg = resolve_auto(cfg, ranks.device)
     torch.set_num_threads(cfg.codec.threads)
     log.info("on %s: batch.max_audio_s=%g, decode.workers=%d, codec.threads=%d", ranks.device,
@@ -78,7 +95,9 @@ def run(cfg: RunConfig) -> int:
     codec = None if looks_finished(cfg) else load_codec(cfg.codec, torch.device(ranks.device))
     if codec is not None:  # a channel policy the codec cannot take stops the run before the plan is written too
         check_channels(codec, cfg.channels)
+    clock.mark("codec")
     job = prepare(cfg, ranks, barrier)
+    clock.mark("plan")
     if job.finished:
         log.info("all %d units are done already; nothing to encode", job.plan.n_units)
         stats = job.finalize_if_done() if ranks.is_main else None
@@ -87,7 +106,9 @@ def run(cfg: RunConfig) -> int:
     if codec is None:  # finished-looking folder that turned out unfinished (e.g. retry_failed)
         codec = load_codec(cfg.codec, torch.device(ranks.device))
         check_channels(codec, cfg.channels)
+        clock.mark("codec")
     runner = build_stages(cfg, job, ranks, codec)
+    clock.mark("stages")
     runner.install_signal_handlers()
     try:
         rank_stats = runner.run()
@@ -95,10 +116,13 @@ def run(cfg: RunConfig) -> int:
         runner.pool.close()
         runner.progress.close()
         runner.claims.close(release=True)
+    clock.mark("loop")
     if rank_stats.stopped_by_signal is not None:
         log.warning("stopped by signal %d; run the same command again to finish", rank_stats.stopped_by_signal)
         return 128 + rank_stats.stopped_by_signal
     stats = job.finalize_if_done()
+    clock.mark("finalize")
+    rank_stats.phases = clock.phases
     if stats is not None or ranks.is_main:
         print_summary(stats, job, rank_stats)
     _shutdown_process_group()

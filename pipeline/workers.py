@@ -361,14 +361,20 @@ class DecodePool:
         return out
 
     def _dispatch(self) -> None:
-        for w in self._workers:
-            while self._pending and len(w.assigned) < self.depth and w.killed_at is None:
-                seq, task = self._pending.popleft()
-                w.assigned.append((seq, task))
-                try:
-                    w.conn.send((seq, task))
-                except OSError:  # BrokenPipeError: it just died; the collector requeues what it was given
-                    break
+        """Hand queued tasks out, each to the live worker with the fewest: every worker gets one before any gets a
+        second. Filling workers in order, up to ``depth`` each, left the last ones idle whenever fewer than
+        ``depth x workers`` items were in flight, which the loop's claiming rule allows (``Runner._feed``)."""
+        live = [w for w in self._workers if w.killed_at is None]
+        while self._pending and live:
+            w = min(live, key=lambda w: len(w.assigned))
+            if len(w.assigned) >= self.depth:
+                return
+            seq, task = self._pending.popleft()
+            w.assigned.append((seq, task))
+            try:
+                w.conn.send((seq, task))
+            except OSError:  # BrokenPipeError: it just died; the collector requeues what it was given
+                live.remove(w)
 
     def _collect(self) -> None:
         """Collector thread: drain every worker pipe into the result queue; kill overdue workers, replace dead ones."""
@@ -422,6 +428,8 @@ class DecodePool:
         w.started = None
         w.assigned = collections.deque((s, t) for s, t in w.assigned if s != seq)
         self._put(payload)
+        # Its next task now, not at the loop's next poll: the loop does not poll while batches wait for the codec.
+        self._dispatch()
 
     def _kill_overdue(self) -> None:
         """SIGKILL a worker whose current item overran the timeout; its EOF then arrives and ``_replace`` runs.

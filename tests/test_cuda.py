@@ -16,7 +16,7 @@ import torch
 from pipeline.batching import Batch
 from pipeline.codecs import load_codec
 from pipeline.config import CodecConfig
-from pipeline.encode import Launcher, collect_batch, encode_batch, launch_batch
+from pipeline.encode import Launcher, collect_batch, encode_batch, launch_batch, warm_up
 from pipeline.tokenize import run
 from pipeline.types import AudioItem, Segment
 from tests.helpers import base_overrides, compose, make_corpus, read_rows
@@ -76,6 +76,18 @@ def test_launcher_thread_queues_in_order(tiny_codec_dir):
     for a, b in zip(sync, threaded):
         for x, y in zip(a, b):
             assert np.array_equal(x.codes, y.codes)
+
+
+def test_warm_up_runs_the_shape_and_leaves_codes_alone(tiny_codec_dir):
+    """The warm-up encodes a zero batch of the bucket's shape (on CUDA only) and changes no later codes."""
+    codec = load_codec(CodecConfig(pretrained=str(tiny_codec_dir), device="cuda", tf32=False))
+    batch = _batch(4, 5.0)
+    before = encode_batch(codec, batch)
+    assert warm_up(codec, 4, batch.padded_len) > 0
+    after = encode_batch(codec, batch)
+    assert all(np.array_equal(a.codes, b.codes) for a, b in zip(before, after))
+    cpu = load_codec(CodecConfig(pretrained=str(tiny_codec_dir), device="cpu"))
+    assert warm_up(cpu, 4, batch.padded_len) == 0.0
 
 
 def test_pipeline_on_cuda_agrees_with_cpu(tmp_path, tiny_codec_dir):

@@ -217,6 +217,47 @@ def test_pool_survives_crash_and_hang(tmp_path, monkeypatch):
     assert 3 <= elapsed < 30
 
 
+def test_pool_spreads_tasks_and_dispatches_from_the_collector(tmp_path, monkeypatch):
+    """Every worker gets a task before any gets a second, and a worker that finishes gets its next task at once,
+    from the collector thread: the loop does not poll while batches wait for the codec."""
+    (tmp_path / "hang").mkdir()
+    (tmp_path / "quick").mkdir()
+    for i in range(4):
+        _tone(tmp_path / "hang" / f"item_{i}.HANG.wav", 0.2)
+    for i in range(8):
+        _tone(tmp_path / "quick" / f"item_{i}.wav", 0.2)
+    monkeypatch.setenv(FAULT_ENV, "hang:.HANG.")
+    policy = SegmentPolicy.from_config(SegmentConfig(min_s=0.1), 32000)
+
+    source = FolderSource(str(tmp_path / "hang"), ["wav"])
+    pool = DecodePool(DecodeSpec(source, 32000, "mono", "HQ", policy), workers=4, timeout_s=60, depth=2)
+    try:
+        for item in source.list_items():
+            pool.submit(DecodeTask(item, unit=0))
+        pool.poll(0)
+        assert [len(w.assigned) for w in pool._workers] == [1, 1, 1, 1]
+    finally:
+        pool.close()
+
+    source = FolderSource(str(tmp_path / "quick"), ["wav"])
+    pool = DecodePool(DecodeSpec(source, 32000, "mono", "HQ", policy), workers=2, timeout_s=60, depth=2)
+    try:
+        for item in source.list_items():
+            pool.submit(DecodeTask(item, unit=0))
+        assert pool.poll(0) == []  # the loop's poll hands out 4 tasks; the collector must hand out the other 4
+        start = time.monotonic()
+        while pool._finals_queued < 8 and time.monotonic() - start < 20:
+            time.sleep(0.05)
+        assert pool._finals_queued == 8, "tasks waited for the loop's next poll"
+        results, start = [], time.monotonic()
+        while pool.outstanding and time.monotonic() - start < 10:
+            results += [r for r in pool.poll(0.1) if r.final]
+    finally:
+        pool.close()
+    assert sorted(r.item.id for r in results) == [f"item_{i}.wav" for i in range(8)]
+    assert all(r.failure is None for r in results)
+
+
 @pytest.fixture(scope="module")
 def cli_run(hostile, tmp_path_factory, tiny_codec_dir) -> tuple[Path, str]:
     """Through the CLI as users run it, on the hostile corpus plus two good files whose decoder crashes / hangs."""
