@@ -1,9 +1,10 @@
 """How much audio the host's decode stage can deliver, by process count: the decode workers' ceiling.
 
 Each process runs the decode worker's own path (``pipeline.workers.process_item``: read, decode, downmix,
-resample, segment) over its share of the files, with nothing else on the machine. Aggregate audio seconds per
-wall second for 1, half, all-but-two and all the cores shows whether the cores scale (a machine whose "cores"
-are hyper-threads gains little past the physical count), and so what a GPU on this host can be fed at most.
+resample, segment) over its share of the files, with no codec, loop or pipe beside it. Aggregate audio seconds
+per wall second at, say, 1, half, all-but-two and all the cores shows whether the cores scale (a machine whose
+"cores" are hyper-threads gains little past the physical count), and so what a GPU on this host can be fed at
+most.
 
     python -m benchmarks.decode_scaling --files /tmp/gpu-bench/audio --procs 1,8,14,16
 """

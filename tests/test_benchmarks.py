@@ -72,3 +72,19 @@ def test_rejects_unknown_stage() -> None:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--stages", "naive,bogus"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "bogus" in proc.stderr
+
+
+def test_decode_scaling_decodes_every_file_once(tmp_path: Path) -> None:
+    """The decode-ceiling benchmark: every file decoded exactly once whatever the process count, rates filled in."""
+    from benchmarks.decode_scaling import measure
+    from pipeline.sources.folder import FolderSource
+    from pipeline.testing import dummies
+
+    for i, seconds in enumerate((2.0, 3.0, 1.5)):
+        dummies.write_audio(tmp_path / f"song{i}.flac", dummies.synth(seconds, 44100, 2, seed=i), 44100, "PCM_16")
+    items = FolderSource(str(tmp_path), ["flac"]).list_items()
+    for procs in (1, 2):
+        r = measure(str(tmp_path), items, procs)
+        assert r["procs"] == procs and math.isclose(r["audio_s"], 6.5, abs_tol=0.05)
+        assert r["audio_s_per_s"] > 0 and r["audio_s_per_cpu_s"] > 0 and r["audio_s_per_s_concurrent"] >= \
+            r["audio_s_per_s"] * 0.99
