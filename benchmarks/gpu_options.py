@@ -5,7 +5,8 @@
 One process, one batch of ``--rows`` different 30 s music rows (MusicGen's window) at the codec's rate:
 
 - settings: ``codec.tf32=false`` (IEEE fp32, the reference), ``tf32=true`` (the default on CUDA), ``dtype=bfloat16``
-  (autocast encoder, RVQ in IEEE fp32), and each of the last two with ``codec.compile=true``. For each: audio
+  (autocast encoder, RVQ in IEEE fp32), and each of the last two with ``codec.compile=true``; two that are not
+  codec options yet: cuDNN autotuning, and the TF32 encode replayed as a CUDA graph. For each: audio
   seconds per second (best of ``--iters`` timed encodes after one warm-up; the warm-up's time is the compile
   time), peak GPU memory, and the codes' agreement with the reference, overall and per codebook (a flip in
   codebook k changes the residual of every later codebook, so later codebooks agree less).
@@ -42,6 +43,10 @@ SETTINGS = {
     "bf16+compile": {"dtype": "bfloat16", "compile": True},
     # Not a codec option (yet): cuDNN times its algorithms per shape and keeps the fastest. Measured here first.
     "tf32+cudnn_benchmark": {"tf32": True},
+    # Not a codec option (yet): the encode captured once as a CUDA graph at the batch's shape and replayed, so the
+    # LSTM's thousands of kernels per batch cost one launch (in the pipeline, queuing them kept a host thread
+    # 76-90% busy, competing with the decode workers). Measured here first: does it capture, how fast, same codes?
+    "tf32+cuda_graph": {"tf32": True},
 }
 WINDOW_S = 30.0
 
@@ -71,20 +76,35 @@ def main(argv: list[str] | None = None) -> int:
                               "sweep": []}
     sweep_rows = [int(r) for r in args.sweep_rows.split(",") if r]
     audio = rows_of_music(max([args.rows, *sweep_rows]), base, device)
-    reference = None
+    reference, codes_by_setting = None, {}
     for name in args.settings.split(","):
         if time.time() - t_start > args.budget_s:
             result["settings"][name] = {"skipped": "time budget"}
             continue
         cfg = dataclasses.replace(base, **SETTINGS[name])
-        record, codes = measure(cfg, audio[: args.rows], device, args.iters, "cudnn_benchmark" in name)
+        if "cuda_graph" in name and device.type != "cuda":
+            result["settings"][name] = {"skipped": "CUDA only"}
+            print(f"[gpu_options] {name}: skipped (CUDA only)", flush=True)
+            continue
+        try:
+            record, codes = measure(cfg, audio[: args.rows], device, args.iters, "cudnn_benchmark" in name,
+                                    graph="cuda_graph" in name)
+        except RuntimeError as e:  # a capture that fails says why (a host sync, a pageable copy, ...)
+            result["settings"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print(f"[gpu_options] {name}: {result['settings'][name]['error']}", flush=True)
+            continue
         if reference is None:
             reference = codes  # the first setting is the reference (fp32 by default)
         record["agreement"] = agreement(codes, reference)
+        if name.startswith("tf32+") and "tf32" in codes_by_setting:  # a variant of the default: the same codes?
+            record["agreement_with_tf32"] = agreement(codes, codes_by_setting["tf32"])["all"]
+        codes_by_setting[name] = codes
         result["settings"][name] = record
         print(f"[gpu_options] {name}: {record['audio_s_per_s']:.0f} audio s/s, agreement "
               f"{record['agreement']['all']:.5f} {record['agreement']['per_codebook']}, "
-              f"warm-up {record['warmup_s']:.1f} s, peak {record.get('peak_gpu_allocated_mb', 0):.0f} MB", flush=True)
+              f"warm-up {record['warmup_s']:.1f} s, peak {record.get('peak_gpu_allocated_mb', 0):.0f} MB"
+              + (f", agreement with eager tf32 {record['agreement_with_tf32']:.5f}"
+                 if "agreement_with_tf32" in record else ""), flush=True)
     for rows in sweep_rows:
         if time.time() - t_start > args.budget_s:
             result["sweep"].append({"rows": rows, "skipped": "time budget"})
@@ -125,8 +145,9 @@ def rows_of_music(rows: int, cfg: CodecConfig, device: torch.device) -> torch.Te
 
 
 def measure(cfg: CodecConfig, audio: torch.Tensor, device: torch.device, iters: int,
-            cudnn_benchmark: bool = False) -> tuple[dict[str, Any], np.ndarray]:
-    """Load the codec with ``cfg``, encode ``audio`` once untimed, then ``iters`` times; keep the fastest."""
+            cudnn_benchmark: bool = False, graph: bool = False) -> tuple[dict[str, Any], np.ndarray]:
+    """Load the codec with ``cfg``, encode ``audio`` once untimed, then ``iters`` times; keep the fastest.
+    ``graph``: encode by replaying a CUDA graph of the encode (the untimed first encode includes the capture)."""
     codec = load_codec(cfg, device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -134,13 +155,14 @@ def measure(cfg: CodecConfig, audio: torch.Tensor, device: torch.device, iters: 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
-    codes = codec.encode(audio.to(device, non_blocking=True)).cpu().numpy()
+    encode = graphed_encode(codec, audio, device) if graph else codec.encode
+    codes = encode(audio.to(device, non_blocking=True)).cpu().numpy()
     warmup = time.time() - t0
     times = []
     for _ in range(iters):
         sync()
         t0 = time.perf_counter()
-        codec.encode(audio.to(device, non_blocking=True))
+        encode(audio.to(device, non_blocking=True))
         sync()
         times.append(time.perf_counter() - t0)
     audio_s = audio.shape[0] * audio.shape[-1] / codec.sample_rate
@@ -152,6 +174,30 @@ def measure(cfg: CodecConfig, audio: torch.Tensor, device: torch.device, iters: 
         record["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     del codec
     return record, codes
+
+
+def graphed_encode(codec, example: torch.Tensor, device: torch.device):
+    """``codec.encode`` captured as one CUDA graph at ``example``'s shape: returns ``encode(x)`` that copies ``x``
+    into the graph's input and replays it (codes in the graph's output buffer, valid until the next call).
+
+    Warmed up on a side stream first, as capture requires (cuDNN's workspaces, the caching allocator)."""
+    static_in = example.to(device).clone()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            codec.encode(static_in)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = codec.encode(static_in)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        static_in.copy_(x, non_blocking=True)
+        graph.replay()
+        return static_out
+
+    return encode
 
 
 def profile(cfg: CodecConfig, audio: torch.Tensor, device: torch.device, top: int = 15) -> dict[str, Any]:

@@ -25,7 +25,7 @@ if [ -n "${SMALL:-}" ]; then
   WIDE=60; NARROW=30
 else
   CODEC=full; MIN=${MINUTES:-20}; MINS=60; MAXS=240; COPIES=${COPIES:-48}; ROWS=64; SWEEP=${SWEEP:-16,32,64,128}
-  SETTINGS=fp32,tf32,bf16,tf32+cudnn_benchmark; COMPILE=tf32,tf32+compile,bf16+compile; TO=240
+  SETTINGS=${SETTINGS:-fp32,tf32,bf16,tf32+cuda_graph}; COMPILE=tf32,tf32+compile,bf16+compile; TO=240
   WIDE=${WIDE:-auto}; NARROW=960
 fi
 STEPS=${STEPS:-tests options e2e narrow bf16 compile}

@@ -149,3 +149,17 @@ def test_encode_does_not_wait_for_the_gpu(tiny_codec_dir):
     agree = float((split.cpu() == whole.cpu()).float().mean())
     print(f"row groups vs whole batch on CUDA (IEEE fp32): {agree:.5f} of the codes equal")
     assert agree > 0.97 and _spread(whole.cpu().numpy()) > 100
+
+
+def test_encode_replayed_as_a_cuda_graph_gives_the_same_codes(tiny_codec_dir):
+    """Not a pipeline path yet (``benchmarks.gpu_options`` measures it): the encode captured once as a CUDA graph
+    and replayed on new audio of the same shape gives eager's codes."""
+    from benchmarks.gpu_options import graphed_encode
+
+    codec = load_codec(CodecConfig(pretrained=str(tiny_codec_dir), device="cuda", tf32=False))
+    first, second = (torch.from_numpy(_batch(4, 5.0, seed=s).to_array()) for s in (0, 1))
+    encode = graphed_encode(codec, first, codec.device)
+    for audio in (second, first):
+        eager = codec.encode(audio.to(codec.device)).cpu().numpy()
+        assert np.array_equal(encode(audio.to(codec.device)).cpu().numpy(), eager)
+    assert _spread(eager) > 100
