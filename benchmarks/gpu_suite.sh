@@ -10,6 +10,7 @@
 # Results (JSON, logs) go to $OUT (default out/gpu). Runs from the repo root:
 #   bash benchmarks/gpu_suite.sh                       # on the GPU machine (about 7 minutes on an H200)
 #   STEPS="tests e2e e2e_compile" bash benchmarks/gpu_suite.sh    # some steps only (about 4 minutes)
+#   SETTINGS=tf32,tf32+cuda_graph SWEEP= STEPS="tests options" bash benchmarks/gpu_suite.sh   # CUDA graphs (~2 min)
 # Steps: tests options e2e narrow bf16 compile (the default set), and decode (after an e2e step: it decodes its
 # corpus) e2e_compile e2e_2ranks e2e_compile_long.
 #   SMALL=1 DEVICE=cpu bash benchmarks/gpu_suite.sh    # a rehearsal on CPU with the tiny codec
@@ -24,8 +25,8 @@ if [ -n "${SMALL:-}" ]; then
   CODEC=tiny; MIN=0.5; MINS=10; MAXS=20; COPIES=2; ROWS=2; SWEEP=1,2; SETTINGS=fp32,tf32; COMPILE=fp32,tf32; TO=300
   WIDE=60; NARROW=30
 else
-  CODEC=full; MIN=${MINUTES:-20}; MINS=60; MAXS=240; COPIES=${COPIES:-48}; ROWS=64; SWEEP=${SWEEP:-16,32,64,128}
-  SETTINGS=${SETTINGS:-fp32,tf32,bf16,tf32+cuda_graph}; COMPILE=tf32,tf32+compile,bf16+compile; TO=240
+  CODEC=full; MIN=${MINUTES:-20}; MINS=60; MAXS=240; COPIES=${COPIES:-48}; ROWS=64; SWEEP=${SWEEP-16,32,64,128}
+  SETTINGS=${SETTINGS-fp32,tf32,bf16,tf32+cuda_graph}; COMPILE=tf32,tf32+compile,bf16+compile; TO=240
   WIDE=${WIDE:-auto}; NARROW=960
 fi
 STEPS=${STEPS:-tests options e2e narrow bf16 compile}
