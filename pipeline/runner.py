@@ -121,7 +121,8 @@ class RankStats:
                 f"commit {self.commit_s / wall:.0%} (writer busy {self.writer_s / wall:.0%}), "
                 f"codec idle {self.codec_idle_s / wall:.0%} of {self.wall_s:.1f} s; CPU of the parent's threads: "
                 f"loop {self.loop_cpu_s / wall:.0%}, receive {self.receive_cpu_s / wall:.0%}, fill "
-                f"{self.fill_cpu_s / wall:.0%}, launch {self.launch_cpu_s / wall:.0%}, writer {self.writer_cpu_s / wall:.0%}; decode workers "
+                f"{self.fill_cpu_s / wall:.0%}, launch {self.launch_cpu_s / wall:.0%}, writer "
+                f"{self.writer_cpu_s / wall:.0%}; decode workers "
                 f"{self.decode_cpu_s / (wall * max(self.decode_workers, 1)):.0%} busy ({self.decode_workers})")
 
 
