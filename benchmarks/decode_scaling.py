@@ -6,7 +6,7 @@ per wall second at, say, 1, half, all-but-two and all the cores shows whether th
 "cores" are hyper-threads gains little past the physical count), and so what a GPU on this host can be fed at
 most.
 
-    python -m benchmarks.decode_scaling --files /tmp/gpu-bench/audio --procs 1,8,14,16
+    python -m benchmarks.decode_scaling --files /tmp/gpu-bench/audio --procs 1,8,14,16 --seconds 8
 """
 
 from __future__ import annotations
@@ -29,15 +29,18 @@ def _spec(root: str) -> DecodeSpec:
     return DecodeSpec(FolderSource(root, ["flac", "wav"]), 32000, "mono", "HQ", policy)
 
 
-def _decode(root: str, items: list[AudioItem], start_at: float) -> tuple[float, float, float, float]:
-    """Decode ``items`` from ``start_at`` (a shared wall-clock start): (audio s, CPU s, start, end)."""
-    spec, audio_s = _spec(root), 0.0
+def _decode(root: str, items: list[AudioItem], start_at: float, seconds: float) -> tuple[float, float, float, float]:
+    """From ``start_at`` (a shared wall-clock start), decode ``items`` once, then again from the first, until
+    ``seconds`` have passed: (audio s, CPU s, start, end). Every process is busy for the whole window (a fixed
+    share of the files would leave the fast ones idle while the slowest finishes)."""
+    spec, audio_s, done = _spec(root), 0.0, 0
     time.sleep(max(0.0, start_at - time.time()))
     t0, cpu0 = time.time(), time.process_time()
-    for item in items:
+    while done < len(items) or time.time() < t0 + seconds:
         out: list = []
-        process_item(DecodeTask(item, 0), spec, out.append)
+        process_item(DecodeTask(items[done % len(items)], 0), spec, out.append)
         audio_s += out[-1].audio_s
+        done += 1
     return audio_s, time.process_time() - cpu0, t0, time.time()
 
 
@@ -45,19 +48,19 @@ def _warm(_: int) -> int:
     return os.getpid()
 
 
-def measure(root: str, files: list[AudioItem], procs: int) -> dict:
-    """Every file decoded once by ``procs`` processes (files dealt round-robin)."""
+def measure(root: str, files: list[AudioItem], procs: int, seconds: float = 8.0) -> dict:
+    """``procs`` processes decoding at once for ``seconds`` (files dealt round-robin, each share at least once)."""
     with ProcessPoolExecutor(procs) as pool:
         list(pool.map(_warm, range(procs * 4)))  # spawned and imported before the clock starts
         start_at = time.time() + 0.5
-        parts = list(pool.map(_decode, [root] * procs, [files[i::procs] for i in range(procs)], [start_at] * procs))
-    audio_s = sum(p[0] for p in parts)
-    wall = max(p[3] for p in parts) - min(p[2] for p in parts)
-    cpu = sum(p[1] for p in parts)
-    # The sum of each process's own rate is the rate while all run at once (the slowest share sets the wall).
-    return {"procs": procs, "audio_s": round(audio_s, 1), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-            "audio_s_per_s": round(audio_s / wall, 1), "audio_s_per_s_concurrent": round(
-                sum(p[0] / (p[3] - p[2]) for p in parts), 1), "audio_s_per_cpu_s": round(audio_s / cpu, 1)}
+        shares = [files[i::procs] or files for i in range(procs)]
+        parts = list(pool.map(_decode, [root] * procs, shares, [start_at] * procs, [seconds] * procs))
+    audio_s, cpu = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    walls = [p[3] - p[2] for p in parts]
+    rate = sum(p[0] / w for p, w in zip(parts, walls))  # the processes ran side by side: their rates add up
+    return {"procs": procs, "audio_s": round(audio_s, 1), "wall_s": round(max(walls), 2), "cpu_s": round(cpu, 2),
+            "audio_s_per_s": round(rate, 1), "audio_s_per_cpu_s": round(audio_s / cpu, 1),
+            "cores_busy": round(cpu / (sum(walls) / procs), 2)}
 
 
 def main() -> None:
@@ -65,6 +68,7 @@ def main() -> None:
     ap.add_argument("--files", required=True, help="a folder of audio files (searched recursively)")
     ap.add_argument("--procs", default=f"1,{os.cpu_count()}", help="comma-separated process counts")
     ap.add_argument("--limit", type=int, default=0, help="use at most this many files (0: all)")
+    ap.add_argument("--seconds", type=float, default=8.0, help="how long each count of processes decodes")
     ap.add_argument("--out", help="write the results here as JSON")
     args = ap.parse_args()
     root = str(Path(args.files).resolve())
@@ -73,11 +77,10 @@ def main() -> None:
     print(f"{len(files)} files under {root}; {os.cpu_count()} CPUs")
     results = []
     for n in (int(x) for x in args.procs.split(",") if x):
-        r = measure(root, files, n)
+        r = measure(root, files, n, args.seconds)
         results.append(r)
-        print(f"{n:3d} processes: {r['audio_s_per_s']:8.0f} audio s/s, {r['audio_s_per_s_concurrent']:.0f} while all "
-              f"ran ({r['audio_s_per_cpu_s']:.0f} per CPU s, "
-              f"{r['cpu_s'] / r['wall_s']:.1f} cores busy)", flush=True)
+        print(f"{n:3d} processes: {r['audio_s_per_s']:8.0f} audio s/s ({r['audio_s_per_cpu_s']:.0f} per CPU s, "
+              f"{r['cores_busy']:.1f} cores busy)", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"files": len(files), "cpus": os.cpu_count(), "results": results},
                                              indent=2))

@@ -70,7 +70,8 @@ want e2e && e2e wide $WIDE codec,pipeline,host
 if want decode; then
   step "decode scaling"
   timeout 120 $PY -m benchmarks.decode_scaling --files /tmp/gpu-bench/audio --limit ${DECODE_FILES:-96} \
-    --procs ${DECODE_PROCS:-4,8,12,14,16} --out "$OUT/decode_scaling.json" 2>&1 | tee -a "$LOG"
+    --procs ${DECODE_PROCS:-4,8,12,14,16} --seconds ${DECODE_SECONDS:-6} --out "$OUT/decode_scaling.json" 2>&1 \
+    | tee -a "$LOG"
 fi
 want e2e_compile && e2e wide_compile $WIDE pipeline --no-storage --set codec.compile=true
 # Two ranks on the one GPU: two parents (two GILs) share the host work, the GPU interleaves their batches.

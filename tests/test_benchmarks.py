@@ -74,8 +74,9 @@ def test_rejects_unknown_stage() -> None:
     assert proc.returncode == 2 and "bogus" in proc.stderr
 
 
-def test_decode_scaling_decodes_every_file_once(tmp_path: Path) -> None:
-    """The decode-ceiling benchmark: every file decoded exactly once whatever the process count, rates filled in."""
+def test_decode_scaling_decodes_every_file(tmp_path: Path) -> None:
+    """The decode-ceiling benchmark: every file decoded at least once whatever the process count (each process
+    keeps going for the window), rates filled in."""
     from benchmarks.decode_scaling import measure
     from pipeline.sources.folder import FolderSource
     from pipeline.testing import dummies
@@ -84,7 +85,8 @@ def test_decode_scaling_decodes_every_file_once(tmp_path: Path) -> None:
         dummies.write_audio(tmp_path / f"song{i}.flac", dummies.synth(seconds, 44100, 2, seed=i), 44100, "PCM_16")
     items = FolderSource(str(tmp_path), ["flac"]).list_items()
     for procs in (1, 2):
-        r = measure(str(tmp_path), items, procs)
+        r = measure(str(tmp_path), items, procs, seconds=0.0)  # one pass over each share
         assert r["procs"] == procs and math.isclose(r["audio_s"], 6.5, abs_tol=0.05)
-        assert r["audio_s_per_s"] > 0 and r["audio_s_per_cpu_s"] > 0 and r["audio_s_per_s_concurrent"] >= \
-            r["audio_s_per_s"] * 0.99
+        assert r["audio_s_per_s"] > 0 and r["audio_s_per_cpu_s"] > 0 and 0 < r["cores_busy"] <= procs * 1.1
+    r = measure(str(tmp_path), items, 1, seconds=1.0)  # then round again until the window closes
+    assert r["audio_s"] > 6.5 and r["wall_s"] >= 1.0
