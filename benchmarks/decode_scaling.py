@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from pipeline.config import DecodeConfig, SegmentConfig
 from pipeline.segment import SegmentPolicy
 from pipeline.sources.folder import FolderSource
 from pipeline.types import AudioItem
@@ -25,8 +26,10 @@ from pipeline.workers import DecodeSpec, DecodeTask, process_item
 
 
 def _spec(root: str) -> DecodeSpec:
-    policy = SegmentPolicy("window", length=30 * 32000, hop=30 * 32000, min_len=32000, quantum=30 * 32000)
-    return DecodeSpec(FolderSource(root, ["flac", "wav"]), 32000, "mono", "HQ", policy)
+    """The default run's decode settings (segments, resampler quality) for the default codec's 32 kHz mono."""
+    sr = 32000
+    return DecodeSpec(FolderSource(root, ["flac", "wav"]), sr, "mono", DecodeConfig().resample_quality,
+                      SegmentPolicy.from_config(SegmentConfig(), sr))
 
 
 def _decode(root: str, items: list[AudioItem], start_at: float, seconds: float) -> tuple[float, float, float, float]:

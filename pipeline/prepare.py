@@ -190,12 +190,12 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
     batches = BatchPolicy.for_codec(cfg.batch, cfg.channels, codec)
     # Units waiting on a partial batch are normal while it fills: up to a full batch of them (one segment each)
     # before one is encoded part-empty (a fixed 4 made 8-row batches go out half full, measured).
-    max_waiting = max(4, batches.rows_for(segments.length) // batches.channels)
+    full_rows = batches.rows_for(segments.length)
+    max_waiting = max(4, full_rows // batches.channels)
     # The full-length bucket is the common shape (every window but an item's last); other buckets compile lazily.
-    warmup_s = warm_up(codec, batches.rows_for(segments.length), segments.length, batches.row_channels)
+    warmup_s = warm_up(codec, full_rows, segments.length, batches.row_channels)
     if warmup_s:
-        log.info("codec warm-up at %d x %d samples: %.1f s", batches.rows_for(segments.length), segments.length,
-                 warmup_s)
+        log.info("codec warm-up at %d x %d samples: %.1f s", full_rows, segments.length, warmup_s)
     runner = Runner(
         job.plan, job.items, job.layout, codec,
         DecodePool(spec, cfg.decode.workers, cfg.decode.timeout_s,
