@@ -86,6 +86,7 @@ def test_warm_up_runs_the_shape_and_leaves_codes_alone(tiny_codec_dir):
     assert warm_up(codec, 4, batch.padded_len) > 0
     after = encode_batch(codec, batch)
     assert all(np.array_equal(a.codes, b.codes) for a, b in zip(before, after))
+    assert _spread(np.concatenate([s.codes.ravel() for s in after])) > 100
     cpu = load_codec(CodecConfig(pretrained=str(tiny_codec_dir), device="cpu"))
     assert warm_up(cpu, 4, batch.padded_len) == 0.0
 
