@@ -5,8 +5,8 @@
 One process, one batch of ``--rows`` different 30 s music rows (MusicGen's window) at the codec's rate:
 
 - settings: ``codec.tf32=false`` (IEEE fp32, the reference), ``tf32=true`` (the default on CUDA), ``dtype=bfloat16``
-  (autocast encoder, RVQ in IEEE fp32), and each of the last two with ``codec.compile=true``; two that are not
-  codec options yet: cuDNN autotuning, and the TF32 encode replayed as a CUDA graph. For each: audio
+  (autocast encoder, RVQ in IEEE fp32), and each of the last two with ``codec.compile=true``; the TF32 encode
+  replayed as a CUDA graph (``codec.cuda_graph=true``); cuDNN autotuning (not a codec option). For each: audio
   seconds per second (best of ``--iters`` timed encodes after one warm-up; the warm-up's time is the compile
   time), peak GPU memory, and the codes' agreement with the reference, overall and per codebook (a flip in
   codebook k changes the residual of every later codebook, so later codebooks agree less).
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import sys
 import time
@@ -43,10 +44,10 @@ SETTINGS = {
     "bf16+compile": {"dtype": "bfloat16", "compile": True},
     # Not a codec option (yet): cuDNN times its algorithms per shape and keeps the fastest. Measured here first.
     "tf32+cudnn_benchmark": {"tf32": True},
-    # Not a codec option (yet): the encode captured once as a CUDA graph at the batch's shape and replayed, so the
-    # LSTM's thousands of kernels per batch cost one launch (in the pipeline, queuing them kept a host thread
-    # 76-90% busy, competing with the decode workers). Measured here first: does it capture, how fast, same codes?
-    "tf32+cuda_graph": {"tf32": True},
+    # codec.cuda_graph: the encode captured once as a CUDA graph at the batch's shape and replayed, so the LSTM's
+    # thousands of kernels per batch cost one launch (in the pipeline, queuing them kept a host thread 76-90% busy,
+    # competing with the decode workers). Does it capture, how fast, the same codes as eager tf32?
+    "tf32+cuda_graph": {"tf32": True, "cuda_graph": True},
 }
 WINDOW_S = 30.0
 
@@ -87,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[gpu_options] {name}: skipped (CUDA only)", flush=True)
             continue
         try:
-            record, codes = measure(cfg, audio[: args.rows], device, args.iters, "cudnn_benchmark" in name,
-                                    graph="cuda_graph" in name)
-        except RuntimeError as e:  # a capture that fails says why (a host sync, a pageable copy, ...)
+            record, codes = measure(cfg, audio[: args.rows], device, args.iters, "cudnn_benchmark" in name)
+        except RuntimeError as e:  # out of memory; a graph that failed its capture or its check says why
             result["settings"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
             print(f"[gpu_options] {name}: {result['settings'][name]['error']}", flush=True)
             continue
@@ -145,9 +145,10 @@ def rows_of_music(rows: int, cfg: CodecConfig, device: torch.device) -> torch.Te
 
 
 def measure(cfg: CodecConfig, audio: torch.Tensor, device: torch.device, iters: int,
-            cudnn_benchmark: bool = False, graph: bool = False) -> tuple[dict[str, Any], np.ndarray]:
+            cudnn_benchmark: bool = False) -> tuple[dict[str, Any], np.ndarray]:
     """Load the codec with ``cfg``, encode ``audio`` once untimed, then ``iters`` times; keep the fastest.
-    ``graph``: encode by replaying a CUDA graph of the encode (the untimed first encode includes the capture)."""
+    With ``cfg.cuda_graph`` the encode replays the pipeline's CUDA graph (the untimed part includes the capture and
+    its check against eager)."""
     codec = load_codec(cfg, device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -155,7 +156,7 @@ def measure(cfg: CodecConfig, audio: torch.Tensor, device: torch.device, iters: 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
-    encode = graphed_encode(codec, audio, device) if graph else codec.encode
+    encode = graphed_encode(codec, tuple(audio.shape)) if codec.graphs is not None else codec.encode
     codes = encode(audio.to(device, non_blocking=True)).cpu().numpy()
     warmup = time.time() - t0
     times = []
@@ -172,32 +173,17 @@ def measure(cfg: CodecConfig, audio: torch.Tensor, device: torch.device, iters: 
                               "audio_s_per_s": audio_s / min(times)}
     if device.type == "cuda":
         record["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    del codec
+    del codec, encode
+    gc.collect()  # codec and its CUDA graphs refer to each other: free the graphs' memory pool before the next setting
     return record, codes
 
 
-def graphed_encode(codec, example: torch.Tensor, device: torch.device):
-    """``codec.encode`` captured as one CUDA graph at ``example``'s shape: returns ``encode(x)`` that copies ``x``
-    into the graph's input and replays it (codes in the graph's output buffer, valid until the next call).
-
-    Warmed up on a side stream first, as capture requires (cuDNN's workspaces, the caching allocator)."""
-    static_in = example.to(device).clone()
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            codec.encode(static_in)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = codec.encode(static_in)
-
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        static_in.copy_(x, non_blocking=True)
-        graph.replay()
-        return static_out
-
-    return encode
+def graphed_encode(codec, shape: tuple[int, int, int]):
+    """``encode(x)`` that replays the codec's CUDA graph for ``shape`` (``pipeline.cuda_graphs``): codes in the
+    graph's output buffer, valid until the next call. Raises when the graph failed its capture or its check."""
+    if not codec.graphs.capture(shape):
+        raise RuntimeError(f"CUDA graph: {codec.graphs.failed[shape]}")
+    return lambda x: codec.graphs.replay(x)[0]
 
 
 def profile(cfg: CodecConfig, audio: torch.Tensor, device: torch.device, top: int = 15) -> dict[str, Any]:

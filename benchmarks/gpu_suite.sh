@@ -11,8 +11,9 @@
 #   bash benchmarks/gpu_suite.sh                       # on the GPU machine (about 7 minutes on an H200)
 #   STEPS="tests e2e e2e_compile" bash benchmarks/gpu_suite.sh    # some steps only (about 4 minutes)
 #   SETTINGS=tf32,tf32+cuda_graph SWEEP= STEPS="tests options" bash benchmarks/gpu_suite.sh   # CUDA graphs (~2 min)
+#   STEPS="e2e e2e_graph" bash benchmarks/gpu_suite.sh  # eager vs codec.cuda_graph end to end (~4 min)
 # Steps: tests options e2e narrow bf16 compile (the default set), and decode (after an e2e step: it decodes its
-# corpus) e2e_compile e2e_2ranks e2e_compile_long.
+# corpus) e2e_compile e2e_graph e2e_graph_compile e2e_2ranks e2e_compile_long.
 #   SMALL=1 DEVICE=cpu bash benchmarks/gpu_suite.sh    # a rehearsal on CPU with the tiny codec
 set -u
 OUT=${OUT:-out/gpu}
@@ -74,6 +75,10 @@ if want decode; then
     | tee -a "$LOG"
 fi
 want e2e_compile && e2e wide_compile $WIDE pipeline --no-storage --set codec.compile=true
+# codec.cuda_graph: the codec limit and the pipeline with the encode replayed as a CUDA graph (same codes as eager).
+want e2e_graph && e2e wide_graph $WIDE codec,pipeline --no-storage --set codec.cuda_graph=true
+want e2e_graph_compile && e2e wide_graph_compile $WIDE pipeline --no-storage --set codec.cuda_graph=true \
+  --set codec.compile=true
 # Two ranks on the one GPU: two parents (two GILs) share the host work, the GPU interleaves their batches.
 want e2e_2ranks && e2e wide_2ranks $WIDE pipeline,host --no-storage --nproc 2
 # compile on a job long enough to pay its ~10 s (4x the audio).

@@ -75,6 +75,9 @@ class CodecConfig:
     tf32: bool = True
     # torch.compile the encoder (CUDA only; one graph per bucket shape).
     compile: bool = False
+    # Replay the encode as one CUDA graph per bucket shape (CUDA only; captured at start-up, each graph checked to
+    # give eager's codes, else that shape runs eager). Not in the fingerprint: it does not change tokens.
+    cuda_graph: bool = False
     # CPU backend: torch or onnx (ONNX Runtime, one exported graph per bucket length).
     backend: str = "torch"
     # Intra-op threads for the codec on CPU; changes float reduction order, hence in the fingerprint. 1 (the

@@ -7,7 +7,9 @@ tokens are applied here, per example:
 2. delay (``delay_pattern``): audiocraft's ``DelayedPatternProvider`` with delays ``[0, 1, ..., K-1]``, as
    ``Pattern.build_pattern_sequence(codes, special, keep_only_valid_steps=False)`` lays it out: ``[K, T + K]``,
    step 0 all ``special_token`` (the start step), codebook ``k`` at step ``s`` holding frame ``s - 1 - k``.
-   ``undelay`` inverts it.
+   Stereo rows (``[L0, R0, L1, R1, ...]``) delay each codebook's two channels together, as MusicGen-stereo does
+   (delays ``[0, 0, 1, 1, 2, 2, 3, 3]``; transformers' ``build_delay_pattern_mask`` with ``audio_channels=2``):
+   ``delay_group=2``, ``[K, T + K/2]``. ``undelay`` inverts it.
 3. collate: ``codes [B, K, L] int64``, ``mask [B, L] bool`` (steps that belong to the example, not padding),
    ``token_mask [B, K, L] bool`` (positions holding a real code: the loss targets), metadata as lists.
 
@@ -44,7 +46,9 @@ class ExampleOptions:
     Args:
         crop_frames: frames per example (50 per second for EnCodec 32 kHz); None keeps whole rows (collate pads).
         random_crop: a random window of a longer row; False takes its first ``crop_frames``.
-        delay_pattern: apply the MusicGen delay pattern (output length ``crop_frames + K``).
+        delay_pattern: apply the MusicGen delay pattern (output length ``crop_frames + K / delay_group``).
+        delay_group: consecutive codebooks delayed together: 1 for mono rows, 2 for stereo rows that interleave
+            L and R per codebook (MusicGen-stereo). ``TokenDataset`` reads it from the shards' metadata.
         special_token: the id filling delayed positions; MusicGen uses the cardinality (2048).
         pad_token: the id filling padding; None uses ``special_token``.
         fields: row columns returned alongside the codes (``description``, ``genre``, ``metadata``, ...).
@@ -58,38 +62,51 @@ class ExampleOptions:
     pad_token: int | None = None
     fields: tuple[str, ...] = DEFAULT_FIELDS
     seed: int = 0
+    delay_group: int = 1
 
     def __post_init__(self) -> None:
         if self.crop_frames is not None and self.crop_frames <= 0:
             raise ValueError(f"crop_frames must be a positive frame count or None, got {self.crop_frames}")
+        if self.delay_group not in (1, 2):
+            raise ValueError(f"delay_group must be 1 (mono rows) or 2 (stereo-interleaved rows), got {self.delay_group}")
 
     @property
     def pad(self) -> int:
         return self.special_token if self.pad_token is None else self.pad_token
 
 
-def delay(codes: torch.Tensor, special_token: int) -> torch.Tensor:
-    """``[..., K, T]`` -> ``[..., K, T + K]``: codebook ``k`` shifted right by ``k + 1`` steps (the ``+1`` is the
-    start step of audiocraft's pattern), the gaps filled with ``special_token``.
+def delay_steps(k: int, group: int = 1) -> int:
+    """Steps ``delay`` adds to ``k`` codebooks delayed ``group`` at a time: the largest delay, plus the start step."""
+    return (k - 1) // group + 1
+
+
+def delay(codes: torch.Tensor, special_token: int, group: int = 1) -> torch.Tensor:
+    """``[..., K, T]`` -> ``[..., K, T + K / group]``: codebook ``k`` shifted right by ``k // group + 1`` steps (the
+    ``+1`` is the start step of audiocraft's pattern), the gaps filled with ``special_token``. ``group=2`` for
+    stereo-interleaved rows: L and R of a codebook share a delay (MusicGen-stereo).
 
     >>> delay(torch.tensor([[1, 2, 3], [4, 5, 6]]), 9).tolist()
     [[9, 1, 2, 3, 9], [9, 9, 4, 5, 6]]
+    >>> delay(torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]]), 9, group=2).tolist()
+    [[9, 1, 2, 9], [9, 3, 4, 9], [9, 9, 5, 6], [9, 9, 7, 8]]
     """
     *lead, k, t = codes.shape
-    out = codes.new_full((*lead, k, t + k), special_token)
+    out = codes.new_full((*lead, k, t + delay_steps(k, group)), special_token)
     for q in range(k):
-        out[..., q, q + 1 : q + 1 + t] = codes[..., q, :]
+        shift = q // group + 1
+        out[..., q, shift : shift + t] = codes[..., q, :]
     return out
 
 
-def undelay(sequence: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``delay``: ``[..., K, S]`` -> ``[..., K, S - K]``.
+def undelay(sequence: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """Inverse of ``delay``: ``[..., K, S]`` -> ``[..., K, S - K / group]``.
 
     >>> undelay(torch.tensor([[9, 1, 2, 3, 9], [9, 9, 4, 5, 6]])).tolist()
     [[1, 2, 3], [4, 5, 6]]
     """
     k, s = sequence.shape[-2:]
-    return torch.stack([sequence[..., q, q + 1 : q + 1 + s - k] for q in range(k)], dim=-2)
+    t = s - delay_steps(k, group)
+    return torch.stack([sequence[..., q, q // group + 1 : q // group + 1 + t] for q in range(k)], dim=-2)
 
 
 def crop_start(n_frames: int, opts: ExampleOptions, key: tuple[str, int], epoch: int) -> int:
@@ -117,7 +134,8 @@ def make_example(codes: np.ndarray, meta: Mapping[str, Any], opts: ExampleOption
     tokens[:, :length] = True
     steps = length
     if opts.delay_pattern:
-        out, tokens, steps = delay(out, opts.special_token), delay(tokens, False), length + k
+        g = opts.delay_group
+        out, tokens, steps = delay(out, opts.special_token, g), delay(tokens, False, g), length + delay_steps(k, g)
     mask = torch.arange(out.shape[-1]) < steps
     example = {"codes": out, "mask": mask, "token_mask": tokens, "length": length, "start": start}
     example.update({name: meta.get(name) for name in opts.fields})
@@ -149,12 +167,15 @@ def _pad(x: torch.Tensor, size: int, value: Any) -> torch.Tensor:
 
 def to_example(row: Mapping[str, Any], crop_frames: int | None = None, random_crop: bool = False,
                delay_pattern: bool = False, special_token: int = 2048, pad_token: int | None = None,
-               fields: Sequence[str] = DEFAULT_FIELDS, seed: int = 0, epoch: int = 0) -> dict[str, Any]:
+               fields: Sequence[str] = DEFAULT_FIELDS, seed: int = 0, epoch: int = 0,
+               delay_group: int = 1) -> dict[str, Any]:
     """A ``datasets.load_dataset(OUT)`` row (codes as K lists) -> the same example ``TokenDataset`` yields.
 
-    Args: as ``ExampleOptions``; ``epoch`` moves the random crops.
+    Args: as ``ExampleOptions`` (``delay_group=2`` for stereo outputs: ``delay_group_of(OUT)``); ``epoch`` moves
+    the random crops.
     """
-    opts = ExampleOptions(crop_frames, random_crop, delay_pattern, special_token, pad_token, tuple(fields), seed)
+    opts = ExampleOptions(crop_frames, random_crop, delay_pattern, special_token, pad_token, tuple(fields), seed,
+                          delay_group)
     return make_example(np.asarray(row["codes"], dtype=np.int64), row, opts, epoch)
 
 
@@ -183,7 +204,8 @@ class HFTokenDataset(torch.utils.data.Dataset):
 
 
 def from_hf(ds: Any, **options: Any) -> HFTokenDataset:
-    """Wrap a Hugging Face dataset of output rows; ``options`` are ``ExampleOptions`` fields."""
+    """Wrap a Hugging Face dataset of output rows; ``options`` are ``ExampleOptions`` fields (for a stereo output,
+    ``delay_group=delay_group_of(OUT)``: the rows do not say how their codebooks interleave, the shards do)."""
     if "fields" in options:
         options["fields"] = tuple(options["fields"])
     return HFTokenDataset(ds, ExampleOptions(**options))
@@ -228,6 +250,17 @@ def codec_metadata(path: Path | str, filesystem: Any = None) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
+def delay_group_of(source: str | Path | Sequence[str | Path] | Mapping[str, Any],
+                   storage_options: dict[str, Any] | None = None) -> int:
+    """2 when an output's rows interleave L and R per codebook (``channels=stereo`` with a mono-input codec), else 1:
+    the ``delay_group`` MusicGen's delay pattern needs. ``source``: an output (as ``TokenDataset`` takes) or its
+    ``codec_metadata``."""
+    if not isinstance(source, Mapping):
+        files, fs = open_shards(source, storage_options)
+        source = codec_metadata(files[0], fs)
+    return 2 if source.get("channels") == "stereo" and int(source.get("input_channels", 1)) == 1 else 1
+
+
 def codes_of(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
     """A ``codes`` column -> one int16 ``[K, T]`` array per row, as views of one flat buffer (no per-code Python)."""
     outer = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
@@ -255,6 +288,7 @@ class TokenDataset(torch.utils.data.IterableDataset):
         storage_options: fsspec options for URLs (endpoint; keep credentials in the environment).
         crop_frames, random_crop, delay_pattern, pad_token, fields: see ``ExampleOptions``.
         special_token: None takes the codec's cardinality from the shards' metadata (MusicGen's choice).
+        delay_group: None takes it from the shards' metadata (2 for stereo-interleaved rows; see ``delay``).
         shuffle: shuffle units, rows within them and a ``shuffle_buffer`` of rows; False reads in file order.
         seed: seeds the shuffle and the crops.
         rank, world_size: this process's place; None takes them from ``torch.distributed`` when initialised.
@@ -268,15 +302,17 @@ class TokenDataset(torch.utils.data.IterableDataset):
                  random_crop: bool = True, delay_pattern: bool = False, special_token: int | None = None,
                  pad_token: int | None = None, fields: Sequence[str] = DEFAULT_FIELDS, shuffle: bool = True,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, split: str = "auto",
-                 even_ranks: bool | None = None, shuffle_buffer: int = 1024):
+                 even_ranks: bool | None = None, shuffle_buffer: int = 1024, delay_group: int | None = None):
         self.files, self.filesystem = open_shards(source, storage_options)
         self.codec = codec_metadata(self.files[0], self.filesystem)
         if special_token is None:
             if "cardinality" not in self.codec:
                 raise ValueError(f"{self.files[0]} has no pipeline.codec metadata; pass special_token explicitly")
             special_token = int(self.codec["cardinality"])
+        if delay_group is None:
+            delay_group = delay_group_of(self.codec)
         self.opts = ExampleOptions(crop_frames, random_crop, delay_pattern, special_token, pad_token, tuple(fields),
-                                   seed)
+                                   seed, delay_group)
         self._check_fields()
         self.groups = [group for f, path in enumerate(self.files) for group in _row_groups(f, path, self.filesystem)]
         self.rank, self.world_size = _rank_and_world(rank, world_size)

@@ -81,7 +81,9 @@ def launch_batch(codec: Codec, batch: Batch, launched: LaunchedBatch | None = No
         return launched
     # The copy does not block the host; the caching host allocator keeps the pinned buffer alive until it is done.
     with torch.cuda.device(codec.device):
-        codes, scales = codec.encode_with_scales(host.to(codec.device, non_blocking=True))
+        replayed = None if codec.graphs is None else codec.graphs.replay(host)  # None: no graph for this shape
+        codes, scales = replayed if replayed is not None else \
+            codec.encode_with_scales(host.to(codec.device, non_blocking=True))
         launched.codes = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True).copy_(codes, non_blocking=True)
         launched.scales = None if scales is None else \
             torch.empty(scales.shape, dtype=scales.dtype, pin_memory=True).copy_(scales, non_blocking=True)
@@ -103,7 +105,8 @@ class Launcher:
     Two threads, one job each, each in launch order: one fills the next batch's pinned memory (~45 ms for 64 rows
     of 30 s) while the other is still queuing the current batch's kernels, so the launch thread can go from one
     batch's kernels straight to the next. (Measured on an H200 with 14 decode workers: no change beyond the noise;
-    queuing the kernels, 76-90% of a core, is what keeps the pipeline under the codec's own rate there.)
+    queuing the kernels, 76-90% of a core, is what keeps the pipeline under the codec's own rate there.) With
+    ``codec.cuda_graph`` a batch is one copy and one graph launch (``pipeline.cuda_graphs``).
 
     Args:
         codec: the codec batches go to.
@@ -150,13 +153,18 @@ class Launcher:
             self._thread.shutdown(wait=True)
 
 
-def warm_up(codec: Codec, rows: int, padded_len: int, row_channels: int = 1) -> float:
+def warm_up(codec: Codec, rows: int, padded_len: int, row_channels: int = 1,
+            other_shapes: tuple[tuple[int, int], ...] | list[tuple[int, int]] = ()) -> float:
     """On CUDA, encode one batch of zeros of the given shape before the loop: ``torch.compile`` builds its graph
     (~10 s for EnCodec) and cuDNN and the caching allocators settle, so the loop's first units (and its clock)
-    do not pay for it. Returns the seconds it took; nothing on CPU (0.0)."""
+    do not pay for it. With CUDA graphs (``codec.graphs``), first capture one per bucket: this shape and each
+    ``(rows, padded_len)`` of ``other_shapes``. Returns the seconds it took; nothing on CPU (0.0)."""
     if codec.device.type != "cuda":
         return 0.0
     t0 = time.monotonic()
+    if codec.graphs is not None:
+        for n_rows, length in [(rows, padded_len), *other_shapes]:
+            codec.graphs.capture((n_rows, row_channels, length))
     collect_batch(codec, launch_batch(codec, Batch(padded_len, rows, row_channels=row_channels)))
     return time.monotonic() - t0
 

@@ -72,7 +72,7 @@ def fingerprint_detail(cfg: RunConfig, device_kind: str) -> dict[str, Any]:
     from pipeline.writer import ROW_SCHEMA_VERSION
 
     on_cpu = device_kind.startswith("cpu")
-    codec = {k: v for k, v in asdict(cfg.codec).items() if k not in ("device", "threads")}
+    codec = {k: v for k, v in asdict(cfg.codec).items() if k not in ("device", "threads", "cuda_graph")}
     codec["tf32"] = cfg.codec.tf32 and not on_cpu  # TF32 does not exist on CPU
     if cfg.codec.backend == "onnx":  # another runtime version may compute the encoder differently
         from importlib.metadata import version

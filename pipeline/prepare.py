@@ -192,8 +192,10 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
     # before one is encoded part-empty (a fixed 4 made 8-row batches go out half full, measured).
     full_rows = batches.rows_for(segments.length)
     max_waiting = max(4, full_rows // batches.channels)
-    # The full-length bucket is the common shape (every window but an item's last); other buckets compile lazily.
-    warmup_s = warm_up(codec, full_rows, segments.length, batches.row_channels)
+    # The full-length bucket is the common shape (every window but an item's last); other buckets compile lazily,
+    # but get their CUDA graphs here too (captured only at start-up, before the launch threads exist).
+    others = [(batches.rows_for(n), n) for n in segments.padded_lengths() if n != segments.length]
+    warmup_s = warm_up(codec, full_rows, segments.length, batches.row_channels, others)
     if warmup_s:
         log.info("codec warm-up at %d x %d samples: %.1f s", full_rows, segments.length, warmup_s)
     runner = Runner(
@@ -209,4 +211,5 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
         max_waiting_units=max_waiting,
     )
     runner.stats.warmup_s = warmup_s
+    runner.stats.graphs = "" if codec.graphs is None else codec.graphs.describe()
     return runner

@@ -109,12 +109,14 @@ class RankStats:
     decode_cpu_s: float = 0.0
     decode_workers: int = 0
     warmup_s: float = 0.0  # the codec's warm-up before the loop (CUDA: torch.compile, cuDNN), inside "stages"
+    graphs: str = ""  # which batch shapes replay CUDA graphs (``CudaGraphs.describe``), "" without them
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds of each phase of the run, in order
 
     def phases_line(self) -> str:
         """``ranks 0.1 s, codec 2.3 s, plan 0.4 s, stages 1.5 s (warm-up 1.1 s), loop 14.4 s, finalize 0.3 s``."""
-        return ", ".join(f"{name} {s:.1f} s" + (f" (warm-up {self.warmup_s:.1f} s)" if name == "stages" and
+        line = ", ".join(f"{name} {s:.1f} s" + (f" (warm-up {self.warmup_s:.1f} s)" if name == "stages" and
                                                  self.warmup_s else "") for name, s in self.phases.items())
+        return f"{line}; {self.graphs}" if self.graphs else line
 
     def timing(self) -> str:
         """One line: where the loop's time went, e.g. ``encode 91% (412 batches), starved 3%, commit 2%, ...``."""

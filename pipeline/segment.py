@@ -54,6 +54,17 @@ class SegmentPolicy:
         """
         return min(self.length, math.ceil(n_samples / self.quantum) * self.quantum)
 
+    def padded_lengths(self) -> list[int]:
+        """Every padded length a segment can get (the buckets), shortest first; the last is ``length``.
+
+        >>> SegmentPolicy("window", length=100, hop=100, min_len=0, quantum=30).padded_lengths()
+        [30, 60, 90, 100]
+        >>> SegmentPolicy("window", length=100, hop=100, min_len=45, quantum=30).padded_lengths()
+        [60, 90, 100]
+        """
+        smallest = self.padded_len(max(self.min_len, 1))
+        return sorted({self.padded_len(n) for n in range(smallest, self.length + 1, self.quantum)} | {self.length})
+
     def spans(self, n_samples: int) -> list[tuple[int, int]]:
         """``(start, end)`` of every segment cut from ``n_samples`` samples, before the ``min_len`` rule.
 

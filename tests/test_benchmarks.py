@@ -90,3 +90,18 @@ def test_decode_scaling_decodes_every_file(tmp_path: Path) -> None:
         assert r["audio_s_per_s"] > 0 and r["audio_s_per_cpu_s"] > 0 and 0 < r["cores_busy"] <= procs * 1.1
     r = measure(str(tmp_path), items, 1, seconds=1.0)  # then round again until the window closes
     assert r["audio_s"] > 6.5 and r["wall_s"] >= 1.0
+
+
+def test_decode_parts_times_each_part_of_the_worker(tmp_path: Path) -> None:
+    """The decode-cost breakdown runs the pipeline's own read, downmix, resample and worker path on real files and
+    reports a rate for each (no thresholds: only that every part ran on all the audio)."""
+    from benchmarks.decode_parts import measure
+    from pipeline.testing import dummies
+
+    for i, seconds in enumerate((2.0, 3.0)):
+        dummies.write_audio(tmp_path / f"song{i}.flac", dummies.synth(seconds, 44100, 2, seed=i), 44100, "PCM_16")
+    r = measure(str(tmp_path), repeat=1)
+    assert r["files"] == 2 and math.isclose(r["audio_s"], 5.0, abs_tol=0.05)
+    assert set(r["parts"]) == {"read (soundfile)", "read (pyav)", "channels", "resample", "worker"}
+    assert all(_positive(p["audio_s_per_cpu_s"]) for p in r["parts"].values())
+    assert r["parts"]["worker"]["share_of_worker"] == 1.0

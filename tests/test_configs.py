@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import CONF, REPO, compose
 
@@ -113,3 +114,19 @@ def test_batch_rows_stay_under_a_codecs_32bit_limit(tiny_codec_dir):
     small = BatchPolicy.from_config(BatchConfig(max_audio_s=240), codec.sample_rate, 1, 1, limit)
     assert small.rows_for(window) == 8  # an ordinary cap is untouched
     assert BatchPolicy.for_codec(BatchConfig(max_audio_s=7200, max_rows=1000), "mono", codec).rows_for(window) == 240
+
+
+def test_cuda_graph_is_not_a_token_setting(tiny_codec_dir):
+    """``codec.cuda_graph`` replays the very kernels eager runs (checked at capture), so it stays out of the plan's
+    fingerprint (a job may resume with it flipped) and, on CPU, does nothing."""
+    from pipeline.codecs import load_codec
+    from pipeline.plan import fingerprint_detail, fingerprint_of
+
+    base = ["dataset=folder", "dataset.path=.", f"codec.pretrained={tiny_codec_dir}"]
+    off, on = compose(base), compose([*base, "codec.cuda_graph=true"])
+    assert on.codec.cuda_graph and not off.codec.cuda_graph
+    for kind in ("cuda:NVIDIA H100 80GB HBM3", "cpu:x"):
+        assert fingerprint_of(fingerprint_detail(on, kind)) == fingerprint_of(fingerprint_detail(off, kind))
+    assert fingerprint_of(fingerprint_detail(compose([*base, "codec.compile=true"]), "cuda:H100")) != \
+        fingerprint_of(fingerprint_detail(off, "cuda:H100"))  # while a setting that changes tokens does
+    assert load_codec(on.codec, torch.device("cpu")).graphs is None

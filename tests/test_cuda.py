@@ -152,15 +152,74 @@ def test_encode_does_not_wait_for_the_gpu(tiny_codec_dir):
     assert agree > 0.97 and _spread(whole.cpu().numpy()) > 100
 
 
-def test_encode_replayed_as_a_cuda_graph_gives_the_same_codes(tiny_codec_dir):
-    """Not a pipeline path yet (``benchmarks.gpu_options`` measures it): the encode captured once as a CUDA graph
-    and replayed on new audio of the same shape gives eager's codes."""
-    from benchmarks.gpu_options import graphed_encode
+def test_cuda_graph_replays_give_eager_codes(tiny_codec_dir):
+    """``codec.cuda_graph``: the encode captured once per shape (checked against eager at capture) and replayed
+    through the launch path on new audio gives eager's codes, batch after batch, with batches in flight; a shape
+    without a graph runs eager."""
+    cfg = CodecConfig(pretrained=str(tiny_codec_dir), device="cuda", tf32=True)
+    eager, graphed = load_codec(cfg), load_codec(dataclasses.replace(cfg, cuda_graph=True))
+    assert eager.graphs is None and graphed.graphs is not None
+    assert graphed.fingerprint() == eager.fingerprint()  # not a token setting
+    batches = [_batch(4, 5.0, seed=s) for s in range(3)]
+    assert warm_up(graphed, 4, batches[0].padded_len) > 0
+    assert graphed.graphs.captured == [(4, 1, batches[0].padded_len)] and not graphed.graphs.failed
+    want = [encode_batch(eager, b) for b in batches]
+    launcher = Launcher(graphed)
+    try:
+        got = [collect_batch(graphed, lb) for lb in [launcher.launch(b) for b in batches]]
+    finally:
+        launcher.close()
+    for a, b in zip(want, got):
+        assert all(np.array_equal(x.codes, y.codes) for x, y in zip(a, b))
+    assert _spread(np.concatenate([s.codes.ravel() for s in got[1]])) > 100
+    other = _batch(2, 3.0)  # no graph at this shape: eager
+    assert all(np.array_equal(x.codes, y.codes) for x, y in zip(encode_batch(eager, other),
+                                                                encode_batch(graphed, other)))
 
-    codec = load_codec(CodecConfig(pretrained=str(tiny_codec_dir), device="cuda", tf32=False))
-    first, second = (torch.from_numpy(_batch(4, 5.0, seed=s).to_array()) for s in (0, 1))
-    encode = graphed_encode(codec, first, codec.device)
-    for audio in (second, first):
-        eager = codec.encode(audio.to(codec.device)).cpu().numpy()
-        assert np.array_equal(encode(audio.to(codec.device)).cpu().numpy(), eager)
-    assert _spread(eager) > 100
+
+def test_cuda_graph_that_fails_or_differs_runs_eager(tiny_codec_dir, monkeypatch):
+    """A capture that raises (a host sync inside the encode) and one whose replay differs from eager are both
+    dropped with the reason, and their shapes encode eagerly with eager's codes."""
+    cfg = CodecConfig(pretrained=str(tiny_codec_dir), device="cuda", tf32=True)
+    eager, graphed = load_codec(cfg), load_codec(dataclasses.replace(cfg, cuda_graph=True))
+    real = graphed.encode_with_scales
+
+    def syncs(audio):
+        codes, scales = real(audio)
+        return codes + int(codes.sum().item() * 0), scales  # .item() reads the GPU: not allowed while capturing
+
+    def differs(audio):
+        codes, scales = real(audio)
+        return (codes + 1 if torch.cuda.is_current_stream_capturing() else codes), scales
+
+    n = 5 * 32000
+    for patch, rows in ((syncs, 4), (differs, 2)):
+        monkeypatch.setattr(graphed, "encode_with_scales", patch)
+        assert not graphed.graphs.capture((rows, 1, n))
+    monkeypatch.setattr(graphed, "encode_with_scales", real)
+    assert set(graphed.graphs.failed) == {(4, 1, n), (2, 1, n)} and not graphed.graphs.captured
+    assert "capture failed" in graphed.graphs.failed[(4, 1, n)]
+    assert "differ from eager" in graphed.graphs.failed[(2, 1, n)]
+    for rows in (4, 2):
+        batch = _batch(rows, 5.0)
+        assert all(np.array_equal(x.codes, y.codes) for x, y in zip(encode_batch(eager, batch),
+                                                                    encode_batch(graphed, batch)))
+
+
+def test_pipeline_with_cuda_graphs_writes_the_eager_tokens(tmp_path, tiny_codec_dir, capsys):
+    """The whole job with ``codec.cuda_graph=true`` (one window bucket; several clip buckets): the same rows and
+    codes as eager, a graph per bucket, and the summary says so."""
+    make_corpus(tmp_path / "in")
+    outs = {}
+    for name, extra in (("eager", []), ("graphs", ["codec.cuda_graph=true"]),
+                        ("eager_clip", ["segment=clip", "segment.bucket_s=2"]),
+                        ("graphs_clip", ["segment=clip", "segment.bucket_s=2", "codec.cuda_graph=true"])):
+        out = tmp_path / name
+        assert run(compose(base_overrides(tmp_path / "in", out, tiny_codec_dir, "codec.device=cuda", *extra))) == 0
+        outs[name] = read_rows(out)
+    printed = capsys.readouterr().out
+    assert "CUDA graphs for" in printed and "graph failed" not in printed
+    for a, b in (("eager", "graphs"), ("eager_clip", "graphs_clip")):
+        assert outs[a].keys() == outs[b].keys() and outs[a]
+        assert all(np.array_equal(outs[a][k]["codes"], outs[b][k]["codes"]) for k in outs[a])
+    assert _spread(np.concatenate([r["codes"].ravel() for r in outs["graphs"].values()])) > 500

@@ -98,15 +98,28 @@ def test_crops_pad_and_mask(out, rows):
     assert all(e["start"] == 0 for e in fixed)
 
 
-def _audiocraft_delay(z: torch.Tensor, special: int) -> torch.Tensor:
-    """audiocraft's DelayedPatternProvider layout + Pattern.build_pattern_sequence(keep_only_valid_steps=False)."""
+def _audiocraft_delay(z: torch.Tensor, special: int, delays: list[int] | None = None) -> torch.Tensor:
+    """audiocraft's DelayedPatternProvider layout (``delays``, default ``[0, 1, ..., K-1]``) +
+    Pattern.build_pattern_sequence(keep_only_valid_steps=False)."""
     k, t = z.shape
-    layout = [[]] + [[(s - q, q) for q in range(k) if s - q >= 0] for s in range(t + k - 1)]
+    delays = list(range(k)) if delays is None else delays
+    steps = t + max(delays)
+    layout = [[]] + [[(s - d, q) for q, d in enumerate(delays) if s - d >= 0] for s in range(steps)]
     out = torch.full((k, len(layout)), special, dtype=z.dtype)
     for step, coords in enumerate(layout):
         for tt, q in coords:
             if tt < t:
                 out[q, step] = z[q, tt]
+    return out
+
+
+def _transformers_stereo_delay(z: torch.Tensor, special: int) -> torch.Tensor:
+    """transformers' ``MusicgenForCausalLM.build_delay_pattern_mask`` for ``audio_channels=2``: codebooks ``2c`` and
+    ``2c + 1`` (L and R of codebook c) both shifted by ``c``, before the start step."""
+    k, t = z.shape
+    out = torch.full((k, t + k // 2 - 1), special, dtype=z.dtype)
+    for c in range(k // 2):
+        out[2 * c, c : t + c], out[2 * c + 1, c : t + c] = z[2 * c], z[2 * c + 1]
     return out
 
 
@@ -118,6 +131,18 @@ def test_delay_matches_audiocraft_and_undelay_inverts():
     assert torch.equal(undelay(delayed), z)
     batch = torch.randint(0, CARD, (3, 8, 20))
     assert torch.equal(undelay(delay(batch, CARD)), batch)
+
+
+def test_stereo_delay_shares_a_step_per_codebook_pair():
+    """Stereo rows ``[L0, R0, L1, R1, ...]``: MusicGen-stereo delays L and R of a codebook together (audiocraft
+    delays ``[0, 0, 1, 1, 2, 2, 3, 3]``, transformers' ``audio_channels=2`` pattern), so K=8 adds 4 steps, not 8."""
+    z = torch.randint(0, CARD, (8, 30))
+    delayed = delay(z, CARD, group=2)
+    assert delayed.shape == (8, 34)
+    assert torch.equal(delayed, _audiocraft_delay(z, CARD, [0, 0, 1, 1, 2, 2, 3, 3]))
+    assert torch.equal(delayed[:, 1:], _transformers_stereo_delay(z, CARD))  # after the start step
+    assert torch.equal(undelay(delayed, group=2), z)
+    assert not torch.equal(delayed[:, :34], delay(z, CARD)[:, :34])  # the mono pattern differs
 
 
 def test_delayed_examples(out, rows):

@@ -122,3 +122,24 @@ def test_interleave_is_audiocraft_order() -> None:
     # Written out for K = 2: [L0, R0, L1, R1].
     small = interleave(np.array([[[10], [11]], [[20], [21]]]))  # [C=2, K=2, T=1]
     assert small[:, 0].tolist() == [10, 20, 11, 21]
+
+
+def test_training_reader_delays_stereo_pairs_together(tokenized) -> None:
+    """``TokenDataset`` on a stereo output takes ``delay_group=2`` from the shards' metadata: L and R of a
+    codebook share their delay (MusicGen-stereo), 4 added steps for K=8; ``undelay`` gives the stored codes."""
+    from pipeline.data import TokenDataset, delay_group_of, undelay
+
+    _, out = tokenized
+    assert delay_group_of(out) == 2
+    rows = read_rows(out)
+    ds = TokenDataset(out, crop_frames=100, random_crop=False, delay_pattern=True)
+    examples = list(ds)
+    assert examples and ds.opts.delay_group == 2
+    for e in examples:
+        assert e["codes"].shape == (8, 104) and int(e["mask"].sum()) == e["length"] + 4
+        stored = rows[(e["id"], e["segment_index"])]["codes"]
+        np.testing.assert_array_equal(undelay(e["codes"], group=2)[:, : e["length"]].numpy(),
+                                      stored[:, : e["length"]])
+        tokens = e["token_mask"]  # where real codes sit: L and R of a codebook on the same steps, the next later
+        assert torch.equal(tokens[0], tokens[1]) and torch.equal(tokens[2], tokens[3])
+        assert not torch.equal(tokens[1], tokens[2])

@@ -31,6 +31,8 @@ class Codec(abc.ABC):
     # Most samples (rows x row channels x length) one encode may take, or None for no limit: CUDA kernels index
     # with 32 bits, so a convolution's [rows, width, length] activation must stay under 2**31 elements.
     max_batch_samples: int | None = None
+    # CUDA graphs of ``encode_with_scales`` per batch shape (``pipeline.cuda_graphs``), or None: encode eagerly.
+    graphs: Any = None
 
     @property
     def frame_rate(self) -> float:

@@ -30,6 +30,7 @@ from pipeline.codecs import FAMILIES
 from pipeline.codecs.base import Codec
 from pipeline.plan import device_kind as _kind_of
 from pipeline.config import CodecConfig
+from pipeline.cuda_graphs import CudaGraphs
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class TransformersCodec(Codec):
         self._bf16 = cuda and cfg.dtype == "bfloat16"
         self._tf32 = cuda and cfg.tf32
         self._compiled = cuda and cfg.compile
+        self.graphs = CudaGraphs(self) if cuda and cfg.cuda_graph else None
         # The widest full-rate activation is the first convolution's output: ``width`` channels per input sample
         # (64 for EnCodec 32 kHz: 64 x 30 s rows fail with "input tensor must fit into 32-bit index math", seen on
         # an H200). CPU kernels index with 64 bits, but no CPU batch comes near this.
