@@ -133,8 +133,14 @@ class UnitWriter:
         os.close(fd)
         try:
             # Dictionary encoding packs 2048-entry codes into 11-bit indices before zstd.
-            pq.write_table(table, tmp, compression=self.compression, compression_level=self.compression_level,
-                           use_dictionary=True, row_group_size=4096)
+            options = dict(compression=self.compression, compression_level=self.compression_level,
+                           use_dictionary=True)
+            if table.num_rows:
+                pq.write_table(table, tmp, row_group_size=4096, **options)
+            else:
+                # A unit whose every item failed: no row group at all. write_table would write one of 0 rows, and
+                # `datasets` takes a row group's length as its batch size ("BatchSize must be greater than 0").
+                pq.ParquetWriter(tmp, table.schema, **options).close()
             fault_point("before_rename")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -205,3 +206,31 @@ def test_bad_arguments(out):
         TokenDataset(out, split="rows")
     with pytest.raises(ValueError, match="crop_frames"):
         TokenDataset(out, crop_frames=0)
+
+
+def test_a_unit_of_only_failed_items_still_loads(tmp_path, tiny_codec_dir):
+    """A unit whose every item failed writes a shard with the schema and no row group: ``load_dataset`` (plain and
+    streaming) and ``TokenDataset`` read the output (a row group of 0 rows made ``datasets`` fail with "BatchSize
+    must be greater than 0")."""
+    from datasets import load_dataset
+
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    write_audio(corpus / "a_song.wav", synth(6.0, 32000, 1, "music", seed=1), 32000)
+    write_audio(corpus / "b_song.wav", synth(4.0, 32000, 1, "music", seed=2), 32000)
+    (corpus / "c_bad.wav").write_bytes(b"RIFF not really a wave file" * 10)
+    (corpus / "d_empty.wav").write_bytes(b"")
+    out = tmp_path / "out"
+    assert run(compose(base_overrides(corpus, out, tiny_codec_dir, "segment.length_s=5", "output.unit_size=2"))) == 0
+    shards = sorted((out / "data").glob("*.parquet"))
+    assert len(shards) == 2 and pq.ParquetFile(shards[1]).metadata.num_row_groups == 0
+    assert pq.read_table(shards[1]).schema.equals(pq.read_table(shards[0]).schema)
+    hf = load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))
+    assert hf.num_rows == 3 and sorted(set(hf["id"])) == ["a_song.wav", "b_song.wav"]
+    streamed = load_dataset(str(out), split="train", streaming=True)
+    assert sum(1 for _ in streamed) == 3
+    assert len(list(TokenDataset(out, shuffle=False))) == 3
+    from pipeline.verify import VerifyOptions, verify
+
+    result = verify(out, VerifyOptions(sample=2, decode=0, report_dir=tmp_path / "report"))
+    assert result.ok, result.problems
