@@ -240,6 +240,10 @@ def _check_source(source: AudioSource, label: str) -> None:
         raise EmptyFile(f"{label}: 0 bytes")
 
 
+class _NoLength(ValueError):
+    """soundfile read the header but cannot size the audio (0 or unknown frames): an audio file, left to PyAV."""
+
+
 def _open(source: AudioSource) -> str | io.BytesIO:
     # A fresh buffer per backend: a failed backend leaves the read position anywhere.
     return io.BytesIO(source) if isinstance(source, bytes | bytearray) else str(source)
@@ -252,7 +256,7 @@ def _soundfile_open(source: AudioSource, label: str) -> tuple[int, int, Iterator
         # ffmpeg; a FLAC streamed without a length reports SF_COUNT_MAX. Both go to PyAV; a real header-only
         # file gives 0 frames there too and fails as no_frames.
         f.close()
-        raise ValueError("libsndfile does not know the length" if f.frames else "0 frames")
+        raise _NoLength("libsndfile does not know the length" if f.frames else "0 frames")
     return f.samplerate, f.channels, _soundfile_blocks(f, label)
 
 
@@ -323,9 +327,11 @@ def _open_any(source: AudioSource, label: str) -> tuple[int, int, Iterator[np.nd
     """Open with the first backend that takes the file, and make sure it yields audio.
 
     A backend counts as taking the file once its first block decodes, so a file libsndfile opens but cannot
-    read still goes to PyAV. Later failures belong to the file, not the backend.
+    read still goes to PyAV. Later failures belong to the file, not the backend. A file that no backend before
+    recognised and the next one reads as 0 frames is undecodable, not empty: ffmpeg guesses a demuxer from the
+    name, and takes random bytes called ``.flac`` for a FLAC stream without frames.
     """
-    errors = []
+    errors, recognised = [], False
     for backend, open_ in _BACKENDS:
         try:
             rate, n_channels, blocks = open_(source, label)
@@ -334,7 +340,10 @@ def _open_any(source: AudioSource, label: str) -> tuple[int, int, Iterator[np.nd
             raise  # the file was read and is bad; a more lenient backend would only hide that
         except Exception as e:  # noqa: BLE001 - any backend failure means "try the next one"
             errors.append(f"{backend}: {type(e).__name__}: {e}")
+            recognised = recognised or isinstance(e, _NoLength)
             continue
+        if first is None and errors and not recognised:
+            raise UndecodableAudio(f"{label}: every backend failed: " + "; ".join([*errors, f"{backend}: 0 frames"]))
         if first is None:  # the backend reads the file and finds it empty (a header, a silent container)
             raise NoAudioFrames(f"{label}: 0 audio frames ({backend})")
         return rate, n_channels, itertools.chain([first], blocks)

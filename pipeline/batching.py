@@ -3,7 +3,7 @@
 Every batch of a bucket has the same ``[rows, row_channels, padded_len]`` shape, short batches are filled with zero
 rows. A mono-input codec takes one row per channel (``row_channels`` 1; stereo segments take two rows, interleaved
 after encoding); a stereo-input codec (EnCodec 48 kHz) takes one row per segment with both channels.
-With a fixed shape each row's codes are independent of its batch-mates and position (DESIGN.md "Tokens"), so
+With a fixed shape each row's codes are independent of its batch-mates and position (README "Tokens"), so
 rows per bucket are part of the fingerprint and never depend on how much data a rank happens to hold.
 """
 

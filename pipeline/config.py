@@ -171,9 +171,13 @@ class RunConfig:
     def from_dictconfig(cfg: Any) -> "RunConfig":
         """Turn Hydra's DictConfig into typed dataclasses (validated against the schema)."""
         from omegaconf import OmegaConf
+        from omegaconf.errors import MissingMandatoryValue
 
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
-        run = OmegaConf.to_object(merged)
+        try:
+            run = OmegaConf.to_object(merged)
+        except MissingMandatoryValue as e:  # e.g. dataset=folder without dataset.path
+            raise ValueError(f"{e.full_key} is required: add {e.full_key}=... to the command") from None
         assert isinstance(run, RunConfig)
         run.validate()
         return run

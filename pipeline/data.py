@@ -1,6 +1,6 @@
 """The training-side reader: Parquet rows of an output folder -> ``[K, T]`` code tensors for a training loop.
 
-The output stores raw codes only (DESIGN.md "Tokens"); crops, padding, the MusicGen delay pattern and special
+The output stores raw codes only (README "Tokens"); crops, padding, the MusicGen delay pattern and special
 tokens are applied here, per example:
 
 1. crop: ``crop_frames`` frames, at a random start (``random_crop``) or the head; shorter rows are padded.

@@ -1,4 +1,4 @@
-"""Where everything lives in the output folder (DESIGN.md "Output folder"). Names depend on the unit only.
+"""Where everything lives in the output folder (README "Output"). Names depend on the unit only.
 
 The folder is a local/mounted directory or an object-store prefix (``s3://bucket/prefix``); ``OutputLayout``
 names the paths and ``layout.store`` (``pipeline.stores``) does every read and write, so the modules above it

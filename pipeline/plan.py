@@ -60,8 +60,13 @@ def items_hash(items: list[AudioItem]) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint_detail(cfg: RunConfig, device_kind: str) -> dict[str, Any]:
-    """Every setting and version that can change a token (DESIGN.md "Tokens")."""
+def fingerprint_detail(cfg: RunConfig, device_kind: str, weights_sha256: str | None = None) -> dict[str, Any]:
+    """Every setting and version that can change a token (README "Tokens"), and the codec weights' identity.
+
+    Args:
+        weights_sha256: the loaded codec's ``weights_sha256``; None when no codec was loaded (a rerun of a
+            finished folder, which adopts the plan's: see ``prepare``).
+    """
     import av
     import soundfile
     import soxr
@@ -74,6 +79,7 @@ def fingerprint_detail(cfg: RunConfig, device_kind: str) -> dict[str, Any]:
     on_cpu = device_kind.startswith("cpu")
     codec = {k: v for k, v in asdict(cfg.codec).items() if k not in ("device", "threads", "cuda_graph")}
     codec["tf32"] = cfg.codec.tf32 and not on_cpu  # TF32 does not exist on CPU
+    codec["weights_sha256"] = weights_sha256
     if cfg.codec.backend == "onnx":  # another runtime version may compute the encoder differently
         from importlib.metadata import version
 
@@ -93,8 +99,15 @@ def fingerprint_detail(cfg: RunConfig, device_kind: str) -> dict[str, Any]:
     }
 
 
+# Where the weights were loaded from is provenance, not identity: the fingerprint takes the weights' own hash
+# instead, so a copy moved to another mount or cluster is the same job, and new weights at the same path (or a
+# Hub revision that moved) are not. The detail keeps both, for the refusal's message and for ``verify``.
+_PROVENANCE = ("pretrained", "revision")
+
+
 def fingerprint_of(detail: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(detail, sort_keys=True).encode()).hexdigest()[:16]
+    codec = {k: v for k, v in detail.get("codec", {}).items() if k not in _PROVENANCE}
+    return hashlib.sha256(json.dumps({**detail, "codec": codec}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def device_kind(device_type: str, cuda_name: str | None = None) -> str:
@@ -171,7 +184,9 @@ def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]
 
 
 def wipe(layout: OutputLayout) -> None:
-    """``output.mode=overwrite``: remove everything this pipeline writes, and nothing else."""
+    """``output.mode=overwrite``: remove the folders this pipeline owns (``data/`` whole, foreign files in it
+    included, since loaders read every file there; ``failures/``, ``.state/``) and its files at the top
+    (``README.md``, ``stats.json``). Anything else in the output folder stays."""
     for path in (layout.data, layout.failures, layout.state):
         layout.store.delete_tree(path)
     for name in ("README.md", "stats.json"):

@@ -71,10 +71,16 @@ def upload_logs(cfg: RunConfig, local_dir: Path) -> None:
         layout.store.write_atomic(target, path.read_bytes(), layout.tmp)
 
 
-def prepare(cfg: RunConfig, ranks, barrier: Callable) -> Job:
-    """Rank 0 lists the inputs and writes or checks the plan; the others wait, then read it."""
+def prepare(cfg: RunConfig, ranks, barrier: Callable, weights_sha256: str | None = None) -> Job:
+    """Rank 0 lists the inputs and writes or checks the plan; the others wait, then read it.
+
+    ``weights_sha256``: the loaded codec's (in the fingerprint). None when the folder looked finished and no codec
+    was loaded: the check then takes the plan's, and ``check_weights`` compares them once a codec is loaded.
+    """
     layout = output_layout(cfg)
-    detail = fingerprint_detail(cfg, _device_kind(ranks.device))
+    detail = fingerprint_detail(cfg, _device_kind(ranks.device), weights_sha256)
+    if weights_sha256 is None and (planned := load_plan(layout)) is not None:
+        detail["codec"]["weights_sha256"] = planned.fingerprint_detail.get("codec", {}).get("weights_sha256")
     source = build_source(cfg.dataset)
     if ranks.is_main:
         plan, items = _plan_on_main(cfg, layout, source, detail)
@@ -158,6 +164,14 @@ def _device_kind(device: str) -> str:
     return device_kind("cpu")
 
 
+def check_weights(plan: Plan, codec, out_dir: str) -> None:
+    """Refuse a codec whose weights are not the plan's (loaded after ``prepare`` adopted the plan's hash)."""
+    codec_detail = {**plan.fingerprint_detail["codec"], "weights_sha256": codec.fingerprint()["weights_sha256"]}
+    detail = {**plan.fingerprint_detail, "codec": codec_detail}
+    check_same_job(plan, Plan(**{**plan.__dict__, "fingerprint": fingerprint_of(detail),
+                                 "fingerprint_detail": detail}), out_dir)
+
+
 def looks_finished(cfg: RunConfig) -> bool:
     """A cheap look before loading anything: does the output folder already hold every unit's marker?"""
     layout = output_layout(cfg)
@@ -212,4 +226,5 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
     )
     runner.stats.warmup_s = warmup_s
     runner.stats.graphs = "" if codec.graphs is None else codec.graphs.describe()
+    runner.stats.rank, runner.stats.world_size = ranks.rank, ranks.world_size
     return runner

@@ -110,6 +110,8 @@ class RankStats:
     decode_workers: int = 0
     warmup_s: float = 0.0  # the codec's warm-up before the loop (CUDA: torch.compile, cuDNN), inside "stages"
     graphs: str = ""  # which batch shapes replay CUDA graphs (``CudaGraphs.describe``), "" without them
+    rank: int = 0  # this rank, of world_size (the summary says so: a launch that started fewer ranks is visible)
+    world_size: int = 1
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds of each phase of the run, in order
 
     def phases_line(self) -> str:

@@ -1,6 +1,6 @@
 """Segment stage: one decoded item -> the segments (rows) it yields, with offsets and padded lengths.
 
-The padded length of a segment depends on the segment alone (see DESIGN.md "Tokens"), so its codes never
+The padded length of a segment depends on the segment alone (see README "Tokens"), so its codes never
 depend on what else is in the batch.
 """
 

@@ -24,7 +24,8 @@ def print_summary(stats: dict[str, Any] | None, job, rank_stats) -> None:
             f"units       {stats['units']}, fingerprint {stats['fingerprint']}",
         ]
         if rank_stats is not None and rank_stats.audio_s:
-            lines.append(f"this rank   {rank_stats.units} units, {rank_stats.audio_s / 3600:.3f} h in "
+            lines.append(f"this rank   {rank_stats.rank} of {rank_stats.world_size}: {rank_stats.units} units, "
+                         f"{rank_stats.audio_s / 3600:.3f} h in "
                          f"{rank_stats.wall_s:.1f} s ({rank_stats.audio_s / max(rank_stats.wall_s, 1e-9):.0f}x "
                          f"realtime); {rank_stats.timing()}")
         if rank_stats is not None and rank_stats.phases:

@@ -80,7 +80,7 @@ def run(cfg: RunConfig) -> int:
 
     from pipeline.codecs import load_codec
     from pipeline.encode import check_channels
-    from pipeline.prepare import build_stages, looks_finished, prepare
+    from pipeline.prepare import build_stages, check_weights, looks_finished, prepare
     from pipeline.summary import print_summary
 
     clock = PhaseClock()
@@ -88,7 +88,8 @@ def run(cfg: RunConfig) -> int:
     clock.mark("ranks")
     cfg = resolve_auto(cfg, ranks.device)
     torch.set_num_threads(cfg.codec.threads)
-    log.info("on %s: batch.max_audio_s=%g, decode.workers=%d, codec.threads=%d", ranks.device,
+    log.info("rank %d of %d on %s: batch.max_audio_s=%g, decode.workers=%d, codec.threads=%d", ranks.rank,
+             ranks.world_size, ranks.device,
              cfg.batch.max_audio_s, cfg.decode.workers, cfg.codec.threads)
     # Load the codec before anything is written, so a missing checkpoint stops the run with nothing to undo;
     # skipped when the folder is already complete (a rerun of a finished job does no work).
@@ -96,7 +97,7 @@ def run(cfg: RunConfig) -> int:
     if codec is not None:  # a channel policy the codec cannot take stops the run before the plan is written too
         check_channels(codec, cfg.channels)
     clock.mark("codec")
-    job = prepare(cfg, ranks, barrier)
+    job = prepare(cfg, ranks, barrier, None if codec is None else codec.fingerprint()["weights_sha256"])
     clock.mark("plan")
     if job.finished:
         log.info("all %d units are done already; nothing to encode", job.plan.n_units)
@@ -106,6 +107,7 @@ def run(cfg: RunConfig) -> int:
     if codec is None:  # finished-looking folder that turned out unfinished (e.g. retry_failed)
         codec = load_codec(cfg.codec, torch.device(ranks.device))
         check_channels(codec, cfg.channels)
+        check_weights(job.plan, codec, job.layout.url)
         clock.mark("codec")
     runner = build_stages(cfg, job, ranks, codec)
     clock.mark("stages")
@@ -155,7 +157,11 @@ def main(dcfg: DictConfig) -> None:
     from pipeline.codecs.encodec import CodecLoadError
     from pipeline.plan import PlanMismatch
 
-    cfg = RunConfig.from_dictconfig(dcfg)
+    try:
+        cfg = RunConfig.from_dictconfig(dcfg)
+    except ValueError as e:  # a bad or missing value: the message says which
+        log.error("%s", e)
+        sys.exit(2)
     try:
         code = run(cfg)
     except (CodecLoadError, PlanMismatch, ValueError) as e:

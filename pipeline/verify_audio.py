@@ -1,6 +1,6 @@
 """The audio half of ``pipeline.verify``: re-encode sampled rows alone, decode rows back, and score the round trip.
 
-Re-encoding follows DESIGN.md "Tokens" exactly, except for the batch: the source is decoded with
+Re-encoding follows README "Tokens" exactly, except for the batch: the source is decoded with
 ``decode_audio`` as the workers do, the segment is cut at ``[start, start + n_samples)``, zero-padded to the
 ``SegmentPolicy`` padded length, and encoded at batch 1 in fp32. A batch-1 encode differs from the pipeline's
 fixed batch shape only by float reduction order, which can flip codes that sit on a near-tie; the flip rate

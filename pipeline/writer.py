@@ -1,6 +1,6 @@
 """Write stage: one unit's rows -> one Parquet file, committed atomically, then its failures, then its marker.
 
-Commit protocol (DESIGN.md): temp file in ``.state/tmp`` -> fsync -> rename into ``data/`` -> failure log ->
+Commit protocol (README "What happens"): temp file in ``.state/tmp`` -> fsync -> rename into ``data/`` -> failure log ->
 done marker with counts, written last. A visible ``.parquet`` is therefore always whole, and a unit without a
 marker is redone on resume (its stray shard is removed first). On an object store the same steps are
 upload-then-marker: the temp file is in a local scratch folder and "rename" is one upload of the whole object.

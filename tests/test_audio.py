@@ -216,6 +216,9 @@ HOSTILE = {
     "nan": (lambda d: dummies.write_nan_wav(d / "x.wav"), NonFiniteAudio, "non_finite"),
     "inf": (lambda d: dummies.write_nan_wav(d / "x.wav", value=np.inf), NonFiniteAudio, "non_finite"),
     "garbage": (lambda d: dummies.write_garbage(d / "x.mp3"), UndecodableAudio, "undecodable"),
+    # ffmpeg takes random bytes named .flac for a FLAC stream of 0 frames; libsndfile did not recognise the file,
+    # so it is undecodable, not an audio file without frames.
+    "garbage_named_flac": (lambda d: dummies.write_garbage(d / "x.flac"), UndecodableAudio, "undecodable"),
     # A cut FLAC loses sync in both libsndfile and ffmpeg, so it is undecodable rather than "truncated".
     "truncated_flac": (
         lambda d: _cut(dummies.write_audio(d / "x.flac", dummies.synth(1.0, 16000), 16000)),

@@ -364,7 +364,7 @@ def test_end_to_end(request, corpus: Path, tmp_path: Path, family: str, extra: l
 
 
 def _reference_codes(codec: Codec, cfg, path: Path, row: dict) -> np.ndarray:
-    """The codec's encode of the row's segment zero-padded as DESIGN.md defines, in a batch of the pipeline's
+    """The codec's encode of the row's segment zero-padded as README "Tokens" defines, in a batch of the pipeline's
     shape (the fixtures' codes do not depend on batch-mates, checked above)."""
     samples = decode_audio(str(path), target_sr=codec.sample_rate).samples
     start = round(row["start_s"] * codec.sample_rate)

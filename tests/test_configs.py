@@ -40,6 +40,8 @@ def test_bad_values_fail_at_composition():
         compose(["segment.kind=slices"])
     with pytest.raises(Exception):  # the schema rejects a typo'd key
         compose(["segment.lenght_s=3"])
+    with pytest.raises(ValueError, match="dataset.path is required"):  # said in one line, not a traceback
+        compose(["dataset=folder"])
 
 
 def _cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:

@@ -68,7 +68,7 @@ def codec(tokenized) -> Codec:
 
 
 def _reference(codec: Codec, cfg, path: Path, row: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The codec's own ``encode_with_scales`` of the row's stereo segment, zero-padded as DESIGN.md defines, in a
+    """The codec's own ``encode_with_scales`` of the row's stereo segment, zero-padded as README "Tokens" defines, in a
     batch of the pipeline's shape; codes trimmed to ``n_frames`` and scales to the segment's chunks."""
     samples = decode_audio(str(path), target_sr=SR, channels="stereo").samples
     start = round(row["start_s"] * SR)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -104,6 +105,8 @@ def test_two_processes_equal_one(corpus, reference, tmp_path, tiny_codec_dir):
     markers = [json.loads(p.read_text()) for p in (out / ".state/done").glob("*.json")]
     assert {m["rank"] for m in markers} == {0, 1}, "both ranks should have claimed units"
     assert log.count("output      ") == 1, "finalize summary should be printed once"
+    assert "rank 0 of 2 on cpu" in log and "rank 1 of 2 on cpu" in log  # how many ranks the launch started
+    assert re.search(r"this rank   [01] of 2: \d+ units", log), log[-2000:]
 
 
 def test_kill9_five_times_then_resume(corpus, reference, tmp_path, tiny_codec_dir):

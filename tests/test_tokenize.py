@@ -137,7 +137,7 @@ def _reference_codes(model, audio, policy, batch_rows, position, seed):
 
 
 def test_token_identity_with_encodec_encode(tokenized, corpus, tiny_codec_dir):
-    """Every row equals EncodecModel.encode of its segment padded as DESIGN.md defines, in a batch of the
+    """Every row equals EncodecModel.encode of its segment padded as README "Tokens" defines, in a batch of the
     pipeline's shape, whichever rows share its batch and wherever it sits in it."""
     cfg, out = tokenized
     model = EncodecModel.from_pretrained(tiny_codec_dir).eval()
@@ -208,3 +208,57 @@ def test_rerun_of_finished_job_does_no_work(tokenized, capsys):
     before = {p: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")}
     assert run(cfg) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")} == before
+
+
+def _reopen_last_unit(out):
+    """Delete the last unit's shard and done marker (as a crash before its commit would leave it); its old rows."""
+    import pyarrow.parquet as pq
+
+    shard = sorted((out / "data").glob("*.parquet"))[-1]
+    data = pq.read_table(shard)
+    shard.unlink()
+    sorted((out / ".state" / "done").glob("unit-*.json"))[-1].unlink()
+    return data
+
+
+def test_the_weights_not_their_path_identify_the_job(corpus, tmp_path, tiny_codec_dir):
+    """The fingerprint holds the codec weights' hash, not where they were loaded from: resuming with the same
+    weights copied elsewhere finishes the job (the same rows), while other weights at the same path are refused."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "codec"
+    shutil.copytree(tiny_codec_dir, weights)
+    corpus = shutil.copytree(corpus, tmp_path / "in")
+    (corpus / "e_broken.wav").write_bytes(b"RIFF" + b"\0" * 60)  # a failed item, for retry_failed below
+    out = tmp_path / "out"
+    assert run(compose(base_overrides(corpus, out, weights))) == 0
+    plan = json.loads((out / ".state" / "plan.json").read_text())
+    assert plan["fingerprint_detail"]["codec"]["weights_sha256"]
+
+    original = _reopen_last_unit(out)
+    moved = tmp_path / "moved"
+    shutil.copytree(weights, moved)
+    assert run(compose(base_overrides(corpus, out, moved))) == 0
+    assert pq.read_table(sorted((out / "data").glob("*.parquet"))[-1]).equals(original)  # the shard's
+    # metadata names the weights' new path (pipeline.codec_model), its rows are the same
+
+    _reopen_last_unit(out)
+    tensors = load_file(weights / "model.safetensors")
+    name = next(k for k in tensors if k.startswith("encoder.") and k.endswith("original1"))  # a conv weight
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, weights / "model.safetensors", metadata={"format": "pt"})
+    from pipeline.plan import PlanMismatch
+
+    with pytest.raises(PlanMismatch, match="codec.weights_sha256"):
+        run(compose(base_overrides(corpus, out, weights)))
+    n_units = -(-plan["n_items"] // plan["unit_size"])
+    assert len(list((out / "data").glob("*.parquet"))) == n_units - 1  # nothing written
+    # A finished folder's rerun loads no codec; once retry_failed reopens units it does, and checks the weights.
+    assert run(compose(base_overrides(corpus, out, moved))) == 0
+    assert run(compose(base_overrides(corpus, out, weights))) == 0  # finished: nothing to do, nothing loaded
+    with pytest.raises(PlanMismatch, match="codec.weights_sha256"):
+        run(compose(base_overrides(corpus, out, weights, "output.retry_failed=true")))
