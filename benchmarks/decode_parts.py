@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
+from benchmarks.corpus import machine
 from benchmarks.decode_scaling import _spec
 from pipeline.audio import _apply_channel_policy, _pyav_open, _soundfile_open
 from pipeline.workers import DecodeTask, process_item
@@ -75,7 +76,7 @@ def measure(root: str, limit: int = 0, repeat: int = 3) -> dict:
         "worker": worker,
     }
     cpu = {name: _cpu_best(fn, repeat) for name, fn in parts.items()}
-    return {"files": len(items), "audio_s": round(audio_s, 1), "quality": spec.quality,
+    return {"machine": machine(), "files": len(items), "audio_s": round(audio_s, 1), "quality": spec.quality,
             "parts": {name: {"audio_s_per_cpu_s": round(audio_s / s, 1), "share_of_worker": round(s / cpu["worker"], 3)}
                       for name, s in cpu.items()}}
 

@@ -73,6 +73,9 @@ if want decode; then
   timeout 120 $PY -m benchmarks.decode_scaling --files /tmp/gpu-bench/audio --limit ${DECODE_FILES:-96} \
     --procs ${DECODE_PROCS:-4,8,12,14,16} --seconds ${DECODE_SECONDS:-6} --out "$OUT/decode_scaling.json" 2>&1 \
     | tee -a "$LOG"
+  step "decode worker's parts (read, downmix, resample) on one core"
+  timeout 60 $PY -m benchmarks.decode_parts --files /tmp/gpu-bench/audio --limit 8 --repeat 2 \
+    --out "$OUT/decode_parts.json" 2>&1 | tee -a "$LOG"
 fi
 want e2e_compile && e2e wide_compile $WIDE pipeline --no-storage --set codec.compile=true
 # codec.cuda_graph: the codec limit and the pipeline with the encode replayed as a CUDA graph (same codes as eager).
