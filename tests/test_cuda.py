@@ -178,8 +178,8 @@ def test_cuda_graph_replays_give_eager_codes(tiny_codec_dir):
 
 
 def test_cuda_graph_that_fails_or_differs_runs_eager(tiny_codec_dir, monkeypatch):
-    """A capture that raises (a host sync inside the encode) and one whose replay differs from eager are both
-    dropped with the reason, and their shapes encode eagerly with eager's codes."""
+    """An encode that syncs with the host (found before capturing) and a capture whose replay differs from eager
+    are both dropped with the reason, their shapes encode eagerly with eager's codes, and the next capture works."""
     cfg = CodecConfig(pretrained=str(tiny_codec_dir), device="cuda", tf32=True)
     eager, graphed = load_codec(cfg), load_codec(dataclasses.replace(cfg, cuda_graph=True))
     real = graphed.encode_with_scales
@@ -199,8 +199,10 @@ def test_cuda_graph_that_fails_or_differs_runs_eager(tiny_codec_dir, monkeypatch
     monkeypatch.setattr(graphed, "encode_with_scales", real)
     assert set(graphed.graphs.failed) == {(4, 1, n), (2, 1, n)} and not graphed.graphs.captured
     assert "capture failed" in graphed.graphs.failed[(4, 1, n)]
+    assert "synchroniz" in graphed.graphs.failed[(4, 1, n)].lower()  # caught by the sync check, before capture
     assert "differ from eager" in graphed.graphs.failed[(2, 1, n)]
-    for rows in (4, 2):
+    assert graphed.graphs.capture((3, 1, n)) and graphed.graphs.captured == [(3, 1, n)]  # a fresh pool
+    for rows in (4, 2, 3):
         batch = _batch(rows, 5.0)
         assert all(np.array_equal(x.codes, y.codes) for x, y in zip(encode_batch(eager, batch),
                                                                     encode_batch(graphed, batch)))
