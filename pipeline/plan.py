@@ -110,6 +110,16 @@ def fingerprint_of(detail: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps({**detail, "codec": codec}, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _planned_by_path(old: Plan, detail: dict[str, Any]) -> bool:
+    """An older plan, which identified the codec by its path and had no weights hash, that this run matches under
+    that rule: it resumes as before (its weights cannot be checked), rather than being refused as another job."""
+    if "weights_sha256" in old.fingerprint_detail.get("codec", {}):
+        return False
+    codec = {k: v for k, v in detail.get("codec", {}).items() if k != "weights_sha256"}
+    legacy = {**detail, "codec": codec}
+    return old.fingerprint == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def device_kind(device_type: str, cuda_name: str | None = None) -> str:
     """``cuda:<GPU name>`` or ``cpu:<CPU model>``: the kernels that run differ between them."""
     if device_type == "cuda":
@@ -162,7 +172,7 @@ def check_same_job(old: Plan, new: Plan, out_dir: Path | str) -> None:
         diffs.append(f"input list: {old.n_items} items (hash {old.items_hash}) -> {new.n_items} (hash {new.items_hash})")
     if old.unit_size != new.unit_size:
         diffs.append(f"output.unit_size: {old.unit_size} -> {new.unit_size}")
-    if old.fingerprint != new.fingerprint:
+    if old.fingerprint != new.fingerprint and not _planned_by_path(old, new.fingerprint_detail):
         diffs += [f"{k}: {a} -> {b}" for k, a, b in _dict_diff(old.fingerprint_detail, new.fingerprint_detail)]
     if diffs:
         raise PlanMismatch(

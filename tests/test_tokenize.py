@@ -262,3 +262,25 @@ def test_the_weights_not_their_path_identify_the_job(corpus, tmp_path, tiny_code
     assert run(compose(base_overrides(corpus, out, weights))) == 0  # finished: nothing to do, nothing loaded
     with pytest.raises(PlanMismatch, match="codec.weights_sha256"):
         run(compose(base_overrides(corpus, out, weights, "output.retry_failed=true")))
+
+
+def test_a_folder_planned_by_path_still_resumes(corpus, tmp_path, tiny_codec_dir):
+    """A plan written before the fingerprint held the weights' hash (codec identified by its path, no hash)
+    resumes under its own rule instead of being refused as another job; the markers keep its fingerprint."""
+    import hashlib
+
+    out = tmp_path / "out"
+    assert run(compose(base_overrides(corpus, out, tiny_codec_dir))) == 0
+    _reopen_last_unit(out)
+    plan_path = out / ".state" / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    del plan["fingerprint_detail"]["codec"]["weights_sha256"]
+    legacy = hashlib.sha256(json.dumps(plan["fingerprint_detail"], sort_keys=True).encode()).hexdigest()[:16]
+    plan["fingerprint"] = legacy
+    plan_path.write_text(json.dumps(plan))
+    for marker in (out / ".state" / "done").glob("unit-*.json"):
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": legacy}))
+    assert run(compose(base_overrides(corpus, out, tiny_codec_dir))) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["fingerprint"] == legacy and stats["failed"] == 0
+    assert all(json.loads(m.read_text())["fingerprint"] == legacy for m in (out / ".state" / "done").glob("*.json"))
