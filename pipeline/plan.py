@@ -195,9 +195,9 @@ def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]
 
 def wipe(layout: OutputLayout) -> None:
     """``output.mode=overwrite``: remove the folders this pipeline owns (``data/`` whole, foreign files in it
-    included, since loaders read every file there; ``failures/``, ``.state/``) and its files at the top
-    (``README.md``, ``stats.json``). Anything else in the output folder stays."""
-    for path in (layout.data, layout.failures, layout.state):
+    included, since loaders read every file there; ``failures/``, ``.state/``, and ``verify/``, whose report would
+    describe the old job) and its files at the top (``README.md``, ``stats.json``). Anything else stays."""
+    for path in (layout.data, layout.failures, layout.state, layout.root / "verify"):
         layout.store.delete_tree(path)
     for name in ("README.md", "stats.json"):
         layout.store.delete(layout.root / name)

@@ -118,6 +118,7 @@ class StreamSegmenter:
         # window (8% of a decode worker's time, profiled).
         self.blocks: collections.deque[np.ndarray] = collections.deque()
         self.buf_start = self.total = self.next_start = self.kept_end = 0
+        self.covered = 0  # samples in at least one kept segment: the rest (gaps, dropped tails) counts as dropped
         self.last_end = 0  # end of the last window cut (kept or not)
         self.n_segments = 0
         self.closed = False  # clip mode, once its one segment is cut
@@ -138,7 +139,7 @@ class StreamSegmenter:
         if not self.closed and self.next_start < self.total and self.last_end < self.total:
             out = self._cut(self.next_start, self.total)
         self.blocks.clear()
-        return out, (self.total - self.kept_end) / self.sample_rate
+        return out, (self.total - self.covered) / self.sample_rate
 
     def _cut(self, start: int, end: int) -> list[Segment]:
         chunk = self._take(start, end)
@@ -149,6 +150,7 @@ class StreamSegmenter:
         self._forget_before(min(self.next_start, self.total))
         if end - start < self.policy.min_len:
             return []
+        self.covered += end - max(start, self.kept_end)  # overlapping windows count their samples once
         self.kept_end = end
         self.n_segments += 1
         return [Segment(self.item, self.unit, self.n_segments - 1, start / self.sample_rate, chunk,

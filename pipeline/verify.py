@@ -96,7 +96,7 @@ class _Audit:
 def verify(out: str | Path, options: VerifyOptions | None = None) -> VerifyResult:
     """Check the output folder ``out`` (a path or an ``s3://`` URL) and write the report; see the module
     docstring."""
-    from pipeline.verify_report import plot_all, write_report
+    from pipeline.verify_report import codebook_labels, plot_all, write_report
 
     options = options or VerifyOptions()
     started = time.monotonic()
@@ -105,10 +105,13 @@ def verify(out: str | Path, options: VerifyOptions | None = None) -> VerifyResul
     scan = scan_output(layout)
     audit = _audit_codes(scan, options, report_dir) if scan.codec and scan.rows else _Audit()
     durations = np.concatenate(scan.durations) if scan.durations else np.zeros(0)
-    plots = plot_all(durations, scan.usage, report_dir)
+    labels = codebook_labels(len(scan.usage) if scan.usage is not None else 0,
+                             bool(scan.codec and scan.codec.interleaved))
+    plots = plot_all(durations, scan.usage, report_dir, labels)
     warnings = audit.warnings + ([] if plots else ["matplotlib is not installed: no plots"])
     problems = scan.problems + audit.problems
     report = _report(layout.url, scan, options, problems, warnings, durations, plots, audit.sections)
+    report["codebook_labels"] = labels
     report["runtime_s"] = round(time.monotonic() - started, 2)
     write_report(report, report_dir)
     return VerifyResult(problems, warnings, report, report_dir)

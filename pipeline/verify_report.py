@@ -19,6 +19,16 @@ def write_report(report: dict[str, Any], report_dir: Path) -> None:
     atomic_write_bytes(report_dir / "report.md", markdown(report).encode())
 
 
+def codebook_labels(k: int, interleaved: bool) -> list[str]:
+    """Names of a row's ``k`` codebooks: ``k=0, k=1, ...``, or for stereo rows ``L0, R0, L1, R1, ...`` (the
+    channels of one codebook interleaved).
+
+    >>> codebook_labels(4, True), codebook_labels(2, False)
+    (['L0', 'R0', 'L1', 'R1'], ['k=0', 'k=1'])
+    """
+    return [f"{'LR'[q % 2]}{q // 2}" for q in range(k)] if interleaved else [f"k={q}" for q in range(k)]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """A page a person reads: verdict, problems, counts, flip rates, round trips, codebooks."""
     lines = [f"# Verify: `{report['output']}`", "", f"**{'PASS' if report['ok'] else 'FAIL'}**", ""]
@@ -29,21 +39,23 @@ def markdown(report: dict[str, Any]) -> str:
     s = report["structure"]
     lines += ["## Contents", "", f"{s['units']} units, {s['shards']} shards, {s['rows']} rows, {s['frames']} frames "
               f"({s['hours']:.3f} h of encoded audio).", ""]
-    lines += _reencode_section(report.get("reencode")) + _roundtrip_section(report.get("roundtrip", []))
-    lines += _codebook_section(report.get("codebooks")) + _plots_section(report.get("plots", {}))
+    labels = report.get("codebook_labels")
+    lines += _reencode_section(report.get("reencode"), labels) + _roundtrip_section(report.get("roundtrip", []))
+    lines += _codebook_section(report.get("codebooks"), labels) + _plots_section(report.get("plots", {}))
     lines.append(f"Took {report['runtime_s']:.1f} s.")
     return "\n".join(lines) + "\n"
 
 
-def _reencode_section(r: dict[str, Any] | None) -> list[str]:
+def _reencode_section(r: dict[str, Any] | None, labels: list[str] | None = None) -> list[str]:
     if not r:
         return []
     rates = " | ".join(f"{x:.4%}" for x in r["flip_rate_per_codebook"])
-    head = " | ".join(f"k={k}" for k in range(len(r["flip_rate_per_codebook"])))
+    n = len(r["flip_rate_per_codebook"])
+    head = " | ".join(labels if labels and len(labels) == n else codebook_labels(n, False))
     return ["## Re-encode at batch 1, fp32", "",
             f"{r['rows']} rows, {r['frames']} frames re-encoded alone: flip rate {r['flip_rate']:.4%} "
             f"(fails above {r['max_flip_rate']:.2%}). Later codebooks flip more: a flip changes every residual "
-            "after it.",
+            "after it (in stereo rows, every later codebook of the same channel).",
             "", f"| {head} |", "|" + "---|" * len(r["flip_rate_per_codebook"]), f"| {rates} |", ""]
 
 
@@ -58,12 +70,14 @@ def _roundtrip_section(rows: list[dict[str, Any]]) -> list[str]:
     return out + ["", "WAV files are in `audio/`.", ""]
 
 
-def _codebook_section(c: dict[str, Any] | None) -> list[str]:
+def _codebook_section(c: dict[str, Any] | None, labels: list[str] | None = None) -> list[str]:
     if not c:
         return []
+    n = len(c["used_fraction"])
+    labels = labels if labels and len(labels) == n else [str(k) for k in range(n)]
     out = ["## Codebooks", "", "| codebook | used | entropy (bits) | perplexity |", "|---|---|---|---|"]
-    for k, (used, h, ppl) in enumerate(zip(c["used_fraction"], c["entropy_bits"], c["perplexity"])):
-        out.append(f"| {k} | {used:.1%} | {h:.2f} | {ppl:.0f} |")
+    for label, used, h, ppl in zip(labels, c["used_fraction"], c["entropy_bits"], c["perplexity"]):
+        out.append(f"| {label} | {used:.1%} | {h:.2f} | {ppl:.0f} |")
     return out + [""]
 
 
@@ -71,7 +85,8 @@ def _plots_section(plots: dict[str, str]) -> list[str]:
     return [f"![{name}]({Path(path).name})" for name, path in plots.items()] + ([""] if plots else [])
 
 
-def plot_all(durations: np.ndarray, usage: np.ndarray | None, report_dir: Path) -> dict[str, str]:
+def plot_all(durations: np.ndarray, usage: np.ndarray | None, report_dir: Path,
+             labels: list[str] | None = None) -> dict[str, str]:
     """Draw the PNGs; returns ``{name: path}``. Empty when matplotlib is missing (the report says so)."""
     try:
         import matplotlib
@@ -85,7 +100,7 @@ def plot_all(durations: np.ndarray, usage: np.ndarray | None, report_dir: Path) 
     _duration_histogram(plt, durations, Path(plots["durations"]))
     if usage is not None and usage.sum():
         plots["codebook_usage"] = str(report_dir / "codebook_usage.png")
-        _codebook_usage(plt, usage, Path(plots["codebook_usage"]))
+        _codebook_usage(plt, usage, Path(plots["codebook_usage"]), labels)
     return plots
 
 
@@ -98,12 +113,13 @@ def _duration_histogram(plt: Any, durations: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def _codebook_usage(plt: Any, usage: np.ndarray, path: Path) -> None:
+def _codebook_usage(plt: Any, usage: np.ndarray, path: Path, labels: list[str] | None = None) -> None:
     """Rank-frequency curve of each codebook: a flat curve is a well-used codebook, a cliff a collapsed one."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k, counts in enumerate(usage):
+    labels = labels if labels and len(labels) == len(usage) else codebook_labels(len(usage), False)
+    for label, counts in zip(labels, usage):
         freq = np.sort(counts)[::-1] / max(1, counts.sum())
-        ax.plot(np.arange(1, len(freq) + 1), np.maximum(freq, 1e-9), label=f"k={k}")
+        ax.plot(np.arange(1, len(freq) + 1), np.maximum(freq, 1e-9), label=label)
     ax.set(xscale="log", yscale="log", xlabel="code rank", ylabel="frequency", title="Code usage per codebook",
            ylim=(1e-7, 1))
     ax.legend(fontsize=7, ncol=2)

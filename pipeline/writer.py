@@ -191,7 +191,10 @@ def _row(r: EncodedSegment) -> dict[str, Any]:
         value = meta.pop(name, None)
         row[name] = None if value is None else str(value)
     for name in FLOAT_FIELDS:
-        row[name] = _to_float(meta.pop(name, None))
+        value = meta.pop(name, None)
+        row[name] = _to_float(value)
+        if row[name] is None and value not in (None, ""):
+            meta[name] = value  # not a number (bpm "fast"): kept as given in ``metadata``, never lost
     for name in LIST_FIELDS:
         row[name] = _to_list(meta.pop(name, None))
     row["metadata"] = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str) if meta else None

@@ -305,6 +305,24 @@ def test_hf_audio_as_paths(tmp_path):
     assert source.fetch(item).data == str(tmp_path / "clips" / "p.wav")
 
 
+def test_hf_empty_audio_cell_is_an_empty_file(tmp_path):
+    """0 bytes in the audio column fail as ``empty`` (README "Bad input"), like a 0-byte file, not as a row with
+    no audio; 0 bytes beside a path still read the path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.audio import EmptyFile, decode_audio
+
+    _write(tmp_path / "clips" / "p.wav", seconds=1.0)
+    cells = [{"bytes": b"", "path": None}, {"bytes": b"", "path": "clips/p.wav"}]
+    pq.write_table(pa.table({"audio": cells}), tmp_path / "rows.parquet")
+    source = HfSource(str(tmp_path / "rows.parquet"))
+    empty, with_path = sorted(source.list_items(), key=lambda it: it.index)
+    with pytest.raises(EmptyFile):
+        decode_audio(source.fetch(empty).data, target_sr=32000)
+    assert source.fetch(with_path).data == str(tmp_path / "clips" / "p.wav")
+
+
 @pytest.mark.parametrize("where", ["parquet", "disk"])
 def test_hf_end_to_end(hf_data, tmp_path, tiny_codec_dir, where):
     out = tmp_path / "out"

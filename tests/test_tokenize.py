@@ -284,3 +284,35 @@ def test_a_folder_planned_by_path_still_resumes(corpus, tmp_path, tiny_codec_dir
     stats = json.loads((out / "stats.json").read_text())
     assert stats["fingerprint"] == legacy and stats["failed"] == 0
     assert all(json.loads(m.read_text())["fingerprint"] == legacy for m in (out / ".state" / "done").glob("*.json"))
+
+
+def test_metadata_that_is_not_a_number_is_kept_as_given():
+    """A ``bpm`` that is not a number ("fast") leaves the typed column empty and stays, as given, in ``metadata``:
+    nothing an input carries is lost without a trace."""
+    from pipeline.types import AudioItem, EncodedSegment
+    from pipeline.writer import _row
+
+    def row(meta):
+        item = AudioItem(index=0, id="x.wav", source="x.wav", metadata=meta)
+        return _row(EncodedSegment(item=item, unit=0, segment_index=0, start_s=0.0, n_samples=640, sample_rate=32000,
+                                   source_sample_rate=32000, source_channels=1, codes=np.zeros((4, 1), np.int16),
+                                   scales=None))
+
+    fast = row({"bpm": "fast", "genre": "rock"})
+    assert fast["bpm"] is None and fast["genre"] == "rock" and json.loads(fast["metadata"]) == {"bpm": "fast"}
+    typed = row({"bpm": "120", "genre": "rock"})
+    assert typed["bpm"] == 120.0 and typed["metadata"] is None
+
+
+def test_overwrite_removes_the_old_job_and_its_verify_report(corpus, tmp_path, tiny_codec_dir):
+    """``output.mode=overwrite`` deletes the old job's files, its verify report included (it would describe the old
+    job), and keeps what is not the pipeline's at the top of the folder."""
+    out = tmp_path / "out"
+    assert run(compose(base_overrides(corpus, out, tiny_codec_dir))) == 0
+    (out / "verify").mkdir()
+    (out / "verify" / "report.md").write_text("PASS (old job)")
+    (out / "NOTES.txt").write_text("mine")
+    assert run(compose(base_overrides(corpus, out, tiny_codec_dir, "output.mode=overwrite",
+                                      "segment.length_s=5"))) == 0
+    assert not (out / "verify").exists() and (out / "NOTES.txt").read_text() == "mine"
+    assert json.loads((out / ".state" / "plan.json").read_text())["fingerprint_detail"]["segment"]["length_s"] == 5

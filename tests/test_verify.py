@@ -141,6 +141,10 @@ def test_stereo_output_passes(tmp_path, tiny_codec_dir):
     assert result.report["structure"]["codec"]["num_codebooks"] == 8
     assert result.report["reencode"]["flip_rate"] < 0.01
     assert sf.info(result.report["roundtrip"][0]["decoded_wav"]).channels == 2
+    # The report names stereo rows' codebooks by channel: L0, R0, L1, ... (not k=0..7).
+    assert result.report["codebook_labels"] == ["L0", "R0", "L1", "R1", "L2", "R2", "L3", "R3"]
+    page = (result.report_dir / "report.md").read_text()
+    assert "| L0 | R0 | L1 |" in page and "| R3 |" in page and "k=1" not in page
 
 
 def test_hf_rows_are_fetched_like_the_workers_do(tmp_path, tiny_codec_dir):

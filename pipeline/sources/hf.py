@@ -121,7 +121,7 @@ class HfSource(Source):
         data, path = (cell.get("bytes"), cell.get("path")) if isinstance(cell, dict) else (None, None)
         if isinstance(cell, bytes | str):
             data, path = (cell, None) if isinstance(cell, bytes) else (None, cell)
-        if data:
+        if data or (data is not None and not path):  # b"" with no path to fall back on: an empty file
             return FetchedAudio(data=bytes(data), name=f"{name} ({path})" if path else name)
         if not path:
             raise ValueError(f"{name}: the {self.audio_column!r} cell holds neither bytes nor a path")
