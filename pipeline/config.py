@@ -46,6 +46,10 @@ class DatasetConfig:
     streaming: bool = False
     audio_column: str = "audio"
     metadata_columns: list[str] | None = None
+    # Rename metadata fields (any source, sidecars included) before they become row columns, e.g. an HF dataset's
+    # caption as MusicGen's text: dataset.rename='{caption: description}'. A mapped field replaces the row's own.
+    # Not in the fingerprint (it changes no token). A dict, typed Any for Hydra (as storage_options).
+    rename: Any = None
     # Process only the first N items of the sorted list (debugging); None = all.
     limit: int | None = None
 
@@ -200,6 +204,10 @@ class RunConfig:
              f"batch.max_audio_s must be auto or a number > 0, got {self.batch.max_audio_s!r}"),
             (self.decode.workers == "auto" or (isinstance(self.decode.workers, int) and self.decode.workers >= 0),
              f"decode.workers must be auto or an integer >= 0, got {self.decode.workers!r}"),
+            (self.dataset.rename is None or (isinstance(self.dataset.rename, dict) and all(
+                isinstance(k, str) and isinstance(v, str) and v for k, v in self.dataset.rename.items())),
+             f"dataset.rename must map field names to field names, e.g. '{{caption: description}}', got "
+             f"{self.dataset.rename!r}"),
         ]
         for ok, message in checks:
             if not ok:

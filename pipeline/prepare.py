@@ -199,7 +199,7 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
                  "pipeline.fingerprint_detail": json.dumps(job.plan.fingerprint_detail, sort_keys=True),
                  "pipeline.codec": json.dumps(info.__dict__), "pipeline.codec_model": json.dumps(codec.fingerprint(), default=str)}
     writer = UnitWriter(job.layout, job.plan.n_units, info.num_codebooks, file_meta,
-                        cfg.output.compression, cfg.output.compression_level)
+                        cfg.output.compression, cfg.output.compression_level, cfg.dataset.rename)
     remaining = job.plan.n_items - sum(len(job.plan.unit_range(u)) for u in job.layout.done_units())
     batches = BatchPolicy.for_codec(cfg.batch, cfg.channels, codec)
     # Units waiting on a partial batch are normal while it fills: up to a full batch of them (one segment each)

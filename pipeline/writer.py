@@ -93,8 +93,9 @@ class UnitWriter:
     """Owns shard naming and the commit of a unit (the only code that writes into ``data/``)."""
 
     def __init__(self, layout: OutputLayout, n_units: int, num_codebooks: int, file_metadata: dict[str, str],
-                 compression: str = "zstd", compression_level: int = 9):
+                 compression: str = "zstd", compression_level: int = 9, rename: dict[str, str] | None = None):
         self.layout, self.n_units = layout, n_units
+        self.rename = dict(rename or {})  # metadata field -> row field (``dataset.rename``)
         self.schema = row_schema(num_codebooks).with_metadata({k.encode(): v.encode() for k, v in file_metadata.items()})
         self.compression, self.compression_level = compression, compression_level
         # pa.array imports pandas on its first call (to check for pandas objects): ~0.5 s holding the GIL, which
@@ -120,7 +121,7 @@ class UnitWriter:
         rows = sorted(rows, key=lambda r: (r.item.index, r.segment_index))
         columns: dict[str, Any] = {name: [] for name in self.schema.names}
         for r in rows:
-            for name, value in _row(r).items():
+            for name, value in _row(r, self.rename).items():
                 columns[name].append(value)
         columns["codes"] = codes_array([r.codes for r in rows])
         columns["scales"] = pa.array([r.scales for r in rows], pa.list_(pa.float32()))
@@ -173,8 +174,11 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _row(r: EncodedSegment) -> dict[str, Any]:
+def _row(r: EncodedSegment, rename: dict[str, str] | None = None) -> dict[str, Any]:
     meta = dict(r.item.metadata)
+    for old, new in (rename or {}).items():
+        if old in meta:
+            meta[new] = meta.pop(old)
     row: dict[str, Any] = {
         "id": r.item.id,
         "source": r.item.source,

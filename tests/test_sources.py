@@ -336,6 +336,28 @@ def test_hf_end_to_end(hf_data, tmp_path, tiny_codec_dir, where):
     assert _stats(out)["ok"] == 5
 
 
+def test_hf_rename_a_caption_column_to_description(hf_data, tmp_path, tiny_codec_dir):
+    """``dataset.rename`` maps a source's field onto a row column (a caption as MusicGen's ``description``); the
+    renamed field leaves ``metadata``; the tokens are those of the run without it."""
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(hf_data / "disk"))["train"]
+    captioned = ds.add_column("caption", [f"a {g} tune, take {i}" for i, g in enumerate(ds["genre"])])
+    captioned.to_parquet(str(tmp_path / "captioned.parquet"))
+    out = tmp_path / "out"
+    assert run(compose(_overrides("hf", str(tmp_path / "captioned.parquet"), out, tiny_codec_dir,
+                                  "dataset.rename={caption: description, year: released}"))) == 0
+    rows = read_rows(out)
+    row = rows[("clip_3.wav", 0)]
+    assert row["description"] == "a pop tune, take 3" and row["genre"] == "pop"
+    assert json.loads(row["metadata"]) == {"label": "instrumental", "released": 2003}
+    plain = tmp_path / "plain"
+    assert run(compose(_overrides("hf", str(hf_data / "parquet"), plain, tiny_codec_dir))) == 0
+    reference = read_rows(plain)
+    assert rows.keys() == reference.keys() and all(reference[k]["description"] is None for k in reference)
+    assert all(np.array_equal(rows[k]["codes"], reference[k]["codes"]) for k in rows)
+
+
 # --------------------------------------------------------------------------------------------------- s3 (moto)
 
 
