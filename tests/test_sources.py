@@ -336,6 +336,16 @@ def test_hf_end_to_end(hf_data, tmp_path, tiny_codec_dir, where):
     assert _stats(out)["ok"] == 5
 
 
+def test_hf_name_that_is_neither_local_nor_on_the_hub(monkeypatch):
+    """A misspelled local folder is taken for a Hub name; when the Hub cannot load it, the error says both readings
+    in one line (a ValueError: the run stops with the message, not a traceback)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network in CI: fail fast, as offline does
+    with pytest.raises(ValueError, match=r"'my_dataset_typo' is no local path.*write it as \./my_dataset_typo"):
+        HfSource("my_dataset_typo").list_items()
+
+
 def test_hf_rename_a_caption_column_to_description(hf_data, tmp_path, tiny_codec_dir):
     """``dataset.rename`` maps a source's field onto a row column (a caption as MusicGen's ``description``); the
     renamed field leaves ``metadata``; the tokens are those of the run without it."""

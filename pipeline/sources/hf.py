@@ -155,7 +155,12 @@ class HfSource(Source):
                     raise ValueError(f"{self.path} has splits {list(ds)}, not dataset.split={self.split!r}")
                 return DatasetRows(ds[self.split], f"{self.path}:{self.split}", self.audio_column)
             return DatasetRows(ds, self.path, self.audio_column)
-        ds = datasets.load_dataset(self.path, self.name, split=self.split, streaming=self.streaming)
+        try:
+            ds = datasets.load_dataset(self.path, self.name, split=self.split, streaming=self.streaming)
+        except (ValueError, OSError, ConnectionError, ImportError) as e:  # not found, offline, gated, no such split
+            raise ValueError(f"dataset.path {self.path!r} is no local path, and loading it from the Hub failed "
+                             f"({type(e).__name__}: {str(e)[:300]}); for a local folder check the spelling, or "
+                             f"write it as ./{self.path}") from e
         label = f"{self.path}{'/' + self.name if self.name else ''}:{self.split}"
         return StreamRows(ds, label, self.audio_column) if self.streaming else DatasetRows(ds, label, self.audio_column)
 
