@@ -145,8 +145,8 @@ tags:
 ---
 # Audio tokens: `{codec.pretrained}`
 
-RVQ codes of {stats['ok']} recordings ({stats['audio_hours']:.2f} h of audio, {stats['rows']} rows,
-{stats['tokens']} tokens), made by `python -m pipeline.tokenize`.
+RVQ codes of {stats['ok']} recordings ({_hours(stats['audio_hours'])} of audio, {stats['rows']} rows,
+{stats['tokens']} tokens), made by `python -m pipeline.tokenize`. {_segments_sentence(stats)}
 
 | codec | sample rate | frame rate | codebooks (K) | cardinality | channels |
 |---|---|---|---|---|---|
@@ -171,6 +171,33 @@ Items: {stats['items']} listed, {stats['ok']} ok, {stats['failed']} failed, {sta
 (reasons: {json.dumps(stats['failures_by_reason'])}; details in `failures/`).
 Fingerprint `{stats['fingerprint']}` (full detail in `stats.json` and in every shard's Parquet metadata).
 """
+
+
+def _hours(hours: float) -> str:
+    """``12.34 h``, or minutes / seconds for small outputs (``0.00 h`` says nothing).
+
+    >>> _hours(12.345), _hours(0.25), _hours(0.001)
+    ('12.35 h', '15.0 min', '3.6 s')
+    """
+    if hours >= 1:
+        return f"{hours:.2f} h"
+    return f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.1f} s"
+
+
+def _segments_sentence(stats: dict[str, Any]) -> str:
+    """How recordings were cut into rows, from the plan's segment policy (README "Tokens")."""
+    seg = stats.get("fingerprint_detail", {}).get("segment")
+    if not seg:
+        return ""
+    if seg.get("kind") == "clip":
+        cut = f"Each row is the first {seg['max_s']:g} s of a recording (the rest is dropped)"
+    else:
+        hop = seg.get("hop_s") or seg["length_s"]
+        cut = f"Rows are {seg['length_s']:g} s windows every {hop:g} s"
+    pad = f"to the next multiple of {seg['bucket_s']:g} s" if seg.get("bucket_s") else \
+        f"to {seg['length_s'] if seg.get('kind') != 'clip' else seg['max_s']:g} s"
+    return (f"{cut}, zero-padded {pad} before encoding (codes trimmed to the audio); segments under "
+            f"{seg['min_s']:g} s are dropped. Audio in no row: {stats.get('dropped_s', 0):.1f} s.")
 
 
 def _frames_sentence(codec: CodecInfo) -> str:

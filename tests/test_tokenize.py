@@ -109,6 +109,10 @@ def test_load_dataset_reads_output(tokenized):
     np.testing.assert_array_equal(np.asarray(first["codes"]), rows[(first["id"], first["segment_index"])]["codes"])
     card = (out / "README.md").read_text()
     assert "configs:" in card and "data/*.parquet" in card
+    # How rows were cut, and a size that says something for a small output (not "0.02 h").
+    assert "Rows are 10 s windows every 10 s, zero-padded to 10 s before encoding" in card
+    assert "segments under 1 s are dropped. Audio in no row: 0.3 s." in card
+    assert " s of audio" in card and " h of audio" not in card  # under a minute of audio here
 
 
 def test_fingerprint_in_every_shard(tokenized):
