@@ -293,6 +293,22 @@ def test_hf_ids_from_column_or_row_numbers(tmp_path):
         HfSource(str(tmp_path / "data.parquet"), audio_column="sound").list_items()
 
 
+def test_hf_rows_with_a_repeated_or_empty_id_fail_alone(tmp_path, tiny_codec_dir):
+    """With ``dataset.id_column``, a row whose id repeats an earlier row's, or is empty, is listed and fails with
+    the reason (as a bad manifest line does); the run goes on and tokenizes the others."""
+    ds = _hf_dataset(4).add_column("key", ["k0", "k1", "k0", ""])
+    ds.to_parquet(str(tmp_path / "keyed.parquet"))
+    out = tmp_path / "out"
+    assert run(compose(_overrides("hf", str(tmp_path / "keyed.parquet"), out, tiny_codec_dir,
+                                  "dataset.id_column=key"))) == 0
+    assert {i for i, _ in read_rows(out)} == {"k0", "k1"}
+    failures = _failures(out)
+    assert set(failures) == {f"{tmp_path / 'keyed.parquet'}[2]", f"{tmp_path / 'keyed.parquet'}[3]"}
+    messages = sorted(f["message"] for f in failures.values())
+    assert "row 2 repeats id 'k0' (first on row 0" in messages[0] and "row 3 has no id" in messages[1]
+    assert _stats(out)["ok"] == 2 and _stats(out)["failed"] == 2
+
+
 def test_hf_audio_as_paths(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -8,6 +8,21 @@ from typing import Any
 
 from pipeline.types import AudioItem
 
+# Item metadata key carrying why a listed entry (a manifest line, a dataset row) is unusable: the item is listed
+# like any other, and its fetch raises with this message, so it ends up in the failure log, never stopping the run.
+# (The name predates dataset rows: items.jsonl of existing outputs carry it.)
+ERROR_KEY = "_manifest_error"
+
+
+class BrokenItem(ValueError):
+    """A listed entry that cannot be an item (its ``ERROR_KEY`` message)."""
+
+
+def check_broken(item: AudioItem) -> None:
+    """Raise ``BrokenItem`` for an item listed as broken; nothing for the others."""
+    if ERROR_KEY in item.metadata:
+        raise BrokenItem(item.metadata[ERROR_KEY])
+
 
 @dataclass(slots=True)
 class FetchedAudio:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.sources.base import FetchedAudio, Source, number_items
+from pipeline.sources.base import ERROR_KEY, FetchedAudio, Source, check_broken, number_items
 from pipeline.sources.hf_rows import PATH_KEY, DatasetRows, FileRows, StreamRows
 from pipeline.sources.storage import dirname, filesystem, is_url, join, read_bytes
 from pipeline.types import AudioItem
@@ -79,9 +79,13 @@ class HfSource(Source):
         for label, table in parts:
             cols = {c: table.column(c).to_pylist() for c in columns}
             for row in range(table.num_rows):
+                source, (item_id, error) = f"{label}[{row}]", ids[len(items)]
+                if error:  # listed (as its source), and failed with the reason when fetched: never stops the run
+                    items.append(AudioItem(id=source, source=source, index=-1, metadata={ERROR_KEY: error}))
+                    continue
                 meta = {c: _value(cols[c][row], labels.get(c)) for c in columns if c != self.id_column}
                 meta = {k: v for k, v in meta.items() if v is not None}
-                items.append(AudioItem(id=ids[len(items)], source=f"{label}[{row}]", index=-1, metadata=meta))
+                items.append(AudioItem(id=item_id, source=source, index=-1, metadata=meta))
         return number_items(items, sort=False)  # row order: sequential reads of files and streams
 
     def _listed_columns(self, schema: pa.Schema) -> list[str]:
@@ -98,20 +102,29 @@ class HfSource(Source):
         return ([self.id_column] if self.id_column else []) + [
             c for c in meta if c not in (self.id_column, self.audio_column)]
 
-    def _ids(self, parts: list[tuple[str, pa.Table]]) -> list[str]:
+    def _ids(self, parts: list[tuple[str, pa.Table]]) -> list[tuple[str, str | None]]:
+        """Each row's ``(id, None)``, or ``(None, why)`` for a row whose ``id_column`` is empty or repeats an
+        earlier row's (that row fails alone, as a bad manifest line does)."""
         if self.id_column:
-            values = [v for _, t in parts for v in t.column(self.id_column).to_pylist()]
-            if None in values:
-                raise ValueError(f"{self.path}: dataset.id_column {self.id_column!r} is empty on row "
-                                 f"{values.index(None)}; ids must be set on every row")
-            return [str(v) for v in values]
+            out, first = [], {}
+            for i, v in enumerate(v for _, t in parts for v in t.column(self.id_column).to_pylist()):
+                if v is None or v == "":
+                    out.append((None, f"{self.path}: row {i} has no id (dataset.id_column {self.id_column!r})"))
+                elif str(v) in first:
+                    out.append((None, f"{self.path}: row {i} repeats id {str(v)!r} (first on row {first[str(v)]}; "
+                                      f"dataset.id_column {self.id_column!r})"))
+                else:
+                    first[str(v)] = i
+                    out.append((str(v), None))
+            return out
         paths = [p for _, t in parts for p in t.column(PATH_KEY).to_pylist()]
         if None not in paths and "" not in paths and len(set(paths)) == len(paths):
-            return paths
+            return [(p, None) for p in paths]
         width = max(6, len(str(len(paths) - 1)))
-        return [f"row-{i:0{width}d}" for i in range(len(paths))]
+        return [(f"row-{i:0{width}d}", None) for i in range(len(paths))]
 
     def fetch(self, item: AudioItem) -> FetchedAudio:
+        check_broken(item)
         label, row = _parse_source(item.source)
         cell = self._rows().audio_cell(label, row)
         return self._to_fetched(cell, item.source, label)

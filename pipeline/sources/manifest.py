@@ -18,13 +18,11 @@ from typing import IO, Any, Iterator
 
 import fsspec
 
-from pipeline.sources.base import FetchedAudio, Source, number_items
+from pipeline.sources.base import ERROR_KEY, BrokenItem, FetchedAudio, Source, number_items
 from pipeline.sources.storage import (COMPRESSION_SUFFIXES, dirname, is_url, join, read_bytes, read_sidecar,
                                       relative_to)
 from pipeline.types import AudioItem
 
-# Item metadata key carrying why a manifest line is unusable; fetch raises it (never reaches an output row).
-ERROR_KEY = "_manifest_error"
 # Fields that are not passed through as metadata: ``duration`` becomes ``AudioItem.duration_s``; audiocraft's
 # ``sample_rate`` is the file's own rate, which every row already holds, measured, as ``source_sample_rate``.
 _NOT_METADATA = ("duration", "sample_rate")
@@ -32,7 +30,7 @@ _NOT_METADATA = ("duration", "sample_rate")
 _EXTRA = "\0extra"
 
 
-class ManifestError(ValueError):
+class ManifestError(BrokenItem):
     """A manifest line that cannot be tokenized; the message names the manifest and the line."""
 
 
