@@ -162,8 +162,16 @@ def _inject_fault(faults: list[tuple[str, str]], source: str) -> None:
         os.kill(os.getpid(), signal.SIGSEGV)
 
 
+# Stop signals go to the whole process group (slurmstepd, scancel, Ctrl-C, SLURM's --signal warning): a worker
+# killed by one looked like a crashing decoder, so its item was logged as failed and its unit committed with that
+# failure (found by signalling a run's group). Workers ignore them; the parent stops and closes the pool itself.
+_PARENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 def _worker_main(conn: Connection, spec: DecodeSpec) -> None:
     """Worker loop: announce each task before running it, so the parent knows which item a crash belongs to."""
+    for sig in _PARENT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     faults = _parse_faults(os.environ.get(FAULT_ENV, ""))

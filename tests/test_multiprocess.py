@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from helpers import read_rows
+from pipeline.workers import FAULT_ENV
 from pipeline.testing.dummies import synth, write_audio
 
 N_ITEMS = 40
@@ -189,6 +190,23 @@ def _assert_visible_shards_whole(out: Path) -> None:
 
     for shard in (out / "data").glob("*.parquet"):
         pq.read_table(shard)  # raises on a partial file
+
+
+def test_stop_signal_to_the_whole_process_group_fails_no_item(corpus, reference, tmp_path, tiny_codec_dir):
+    """slurmstepd, scancel and Ctrl-C signal every process of the step: decode workers ignore it, so the item a
+    worker was decoding is not logged as a crash (and its unit not committed with that failure); the parent stops
+    and a rerun finishes with the reference's output."""
+    out = tmp_path / "out"
+    args = cli_args(corpus, out, tiny_codec_dir, "output.unit_size=1")
+    proc = launch(1, args, env={FAULT_ENV: "hang:clip_05"})  # a slow decode is running when the signal comes
+    _wait_for_markers(out, proc, target=3, timeout=120)
+    os.killpg(proc.pid, signal.SIGTERM)
+    log, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    logs = list((out / "failures").glob("*.jsonl"))
+    assert not [line for f in logs for line in f.read_text().splitlines() if '"crash"' in line], "a crash logged"
+    finish(launch(1, args))
+    assert_same_output(out, reference, same_units=False)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
