@@ -131,6 +131,11 @@ class Claims:
         self.held.add(unit)
         return True
 
+    def held_units(self) -> set[int]:
+        """A copy of the units this process holds (the writer thread releases them as it commits)."""
+        with self._lock:
+            return set(self.held)
+
     def release(self, unit: int) -> None:
         with self._lock:
             self.held.discard(unit)

@@ -165,6 +165,7 @@ class Runner:
         self.committing: collections.deque[tuple[int, UnitCounts, Future]] = collections.deque()
         self.max_pending_commits = max_pending_commits
         self.no_more_units = False
+        self._waited = False  # logged that other runs hold the last units
         self.stats = RankStats()
         self._stop_signal: int | None = None
 
@@ -211,11 +212,34 @@ class Runner:
                 self._collect()
             self._maybe_flush()
             self._commit_complete()
-            if self.no_more_units and not self.open and self.pool.outstanding == 0:
+            if self.no_more_units and not self.open and self.pool.outstanding == 0 and not self._wait_for_others():
                 break
         while self.launched:  # stopped by a signal: these batches are on the device already, keep them
             self._collect()
         self._commit_complete()
+
+    def _wait_for_others(self) -> bool:
+        """Nothing left to claim and nothing open here: True (after a pause) while units are still claimed by other
+        runs, so this one looks again and takes over the claims of any that died (stale after ``claim_lease_s``,
+        at once for a dead process on this host); False once every unit is done.
+
+        Ending here instead would leave a dead run's units to nobody: a job exited 0 with units missing (found
+        with two launches into one folder and one killed), and on a multi-node launch the ranks of a node that ran
+        out of work waited in torchrun's exit barrier (5 minutes) for the others, then failed the job.
+        """
+        # Units this run still holds are its own commits in flight, not others' work.
+        waiting = len(set(range(self.plan.n_units)) - self.layout.done_units() - self.claims.held_units())
+        if waiting == 0:
+            return False
+        if not self._waited:
+            log.info("%d unit(s) still claimed by other runs: waiting for them (a claim without heartbeat for "
+                     "%g s is taken over)", waiting, self.claims.lease_s)
+        self._waited = True
+        deadline = time.monotonic() + min(5.0, self.claims.lease_s / 4)
+        while self._stop_signal is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # short naps: a stop signal is seen within 0.1 s
+        self.no_more_units = False
+        return True
 
     def _poll(self, timeout: float) -> None:
         """Take decoded results; time spent blocked with nothing to encode counts as starved."""

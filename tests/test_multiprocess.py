@@ -192,6 +192,35 @@ def _assert_visible_shards_whole(out: Path) -> None:
         pq.read_table(shard)  # raises on a partial file
 
 
+def test_a_run_out_of_work_waits_for_other_runs_and_takes_over_a_dead_ones_units(corpus, reference, tmp_path,
+                                                                                  tiny_codec_dir):
+    """Two launches into one folder: B finishes what it can claim, then waits while A still holds a unit (A's
+    decode hangs) instead of exiting 0 with the job unfinished; once A is killed, B takes its unit over and
+    completes the job (same output as one run)."""
+    out = tmp_path / "out"
+    args = cli_args(corpus, out, tiny_codec_dir, "output.unit_size=1")
+    a = launch(1, [*args, "decode.timeout_s=600"], env={FAULT_ENV: "hang:clip_05"})
+    _wait_for_markers(out, a, target=1, timeout=120)
+    b = launch(1, args)
+    n_units = N_ITEMS + 1
+    deadline = time.monotonic() + 180
+
+    def held_by_a() -> int:
+        claims = [json.loads(c.read_text()) for c in (out / ".state/claims").glob("unit-*")]
+        return sum(c.get("pid") == a.pid for c in claims)
+
+    while len(_done(out)) + held_by_a() < n_units:  # everything done but the units A holds (one hangs)
+        assert b.poll() is None, f"B ended with the job unfinished: {b.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.1)
+    time.sleep(3)
+    assert b.poll() is None, f"B ended while A still held a unit: {b.communicate()[0][-3000:]}"
+    kill_group(a)
+    log = finish(b, timeout=120)
+    assert "still claimed by other runs" in log and "took over the stale claim" in log
+    assert_same_output(out, reference, same_units=False)
+
+
 def test_stop_signal_to_the_whole_process_group_fails_no_item(corpus, reference, tmp_path, tiny_codec_dir):
     """slurmstepd, scancel and Ctrl-C signal every process of the step: decode workers ignore it, so the item a
     worker was decoding is not logged as a crash (and its unit not committed with that failure); the parent stops
