@@ -112,7 +112,7 @@ def test_multinode_dry_run_counts_gpus_with_nvidia_smi(slurm_env, tmp_path):
 
 def test_array_dry_run_prints_the_launch_command(slurm_env, tmp_path):
     out = _dry_run(SBATCH_ARRAY, slurm_env, tmp_path)
-    assert out == "accelerate launch --num_processes 1 -m pipeline.tokenize dataset.path=/data output.dir=/out\n"
+    assert out == "python -m pipeline.tokenize dataset.path=/data output.dir=/out\n"  # one rank: no launcher
 
 
 def test_array_tasks_run_the_same_command(slurm_env, tmp_path):
@@ -155,6 +155,17 @@ def test_signal_stops_the_ranks_then_requeues(slurm_env, tmp_path, script, reque
     assert proc.returncode == 0, err
     assert (tmp_path / "srun.log").read_text() == "TERM\n"  # the ranks get TERM, whatever the job got
     assert (tmp_path / "scontrol.log").read_text() == f"requeue {requeue_id}\n"
+
+
+@pytest.mark.parametrize("script", [SBATCH, SBATCH_ARRAY], ids=["multinode", "array"])
+def test_a_failed_requeue_fails_the_job(slurm_env, tmp_path, script):
+    """Stopped for preemption and not requeued: the job must not end COMPLETED (nobody would resume it)."""
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text(scontrol.read_text() + 'case "$1" in requeue) exit 1;; esac\n')
+    proc = _start_with_fake_srun(script, slurm_env, tmp_path, exit_code=None)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1 and "resubmit the same command" in err, err
 
 
 @pytest.mark.parametrize("script", [SBATCH, SBATCH_ARRAY], ids=["multinode", "array"])
