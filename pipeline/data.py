@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.data_split import RowGroup, assign, budgets, resolve_split
+from pipeline.data_split import RowGroup, assign, budgets, resolve_split, steps
 
 DEFAULT_FIELDS = ("id", "segment_index")
 
@@ -346,7 +346,7 @@ class TokenDataset(torch.utils.data.IterableDataset):
         consumers = self.world_size * max(1, num_workers)
         split = resolve_split(self.split, len(self.files), len(self.groups), consumers)
         rng = np.random.default_rng([self.opts.seed, self.epoch]) if self.shuffle else None
-        pieces = assign(self.groups, consumers, split, rng)
+        pieces = assign(self.groups, consumers, split, rng, self.world_size)
         return pieces, budgets(pieces, self.world_size, self.even_ranks), split
 
     def epoch_size(self, num_workers: int = 0) -> int:
@@ -355,6 +355,14 @@ class TokenDataset(torch.utils.data.IterableDataset):
         workers = max(1, num_workers)
         mine = range(self.rank * workers, (self.rank + 1) * workers)
         return sum(sum(p.n_rows for p in pieces[c]) if limits[c] is None else limits[c] for c in mine)
+
+    def steps_per_epoch(self, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> int:
+        """Batches every rank can take this epoch from ``DataLoader(ds, batch_size, num_workers, drop_last)``: stop
+        each rank's epoch there under DDP. Each worker batches its own rows, so ranks with equal rows can still
+        differ by a batch, and the rank with one more would wait forever in its extra all-reduce."""
+        pieces, limits, _ = self.assignment(num_workers)
+        counts = [sum(p.n_rows for p in c) if limit is None else limit for c, limit in zip(pieces, limits)]
+        return steps(counts, self.world_size, batch_size, drop_last)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()

@@ -9,10 +9,13 @@ consumer agrees on it, and it depends only on (files, seed, epoch, number of con
 - ``row``: single rows, for a small folder with fewer row groups than consumers; every consumer then reads the
   row groups it has rows in, and keeps only its rows.
 
-Units are dealt in shuffled order to the least-loaded consumer, so consumer row counts differ by at most one
-unit's rows. With ``even_ranks`` every rank then stops at the smallest rank's count, so DDP ranks take the same
-number of steps (a rank with more batches would wait forever in its extra all-reduce); what is cut is a few rows
-per epoch, different ones each epoch.
+Units are dealt in shuffled order to the least-loaded rank, then within each rank to its least-loaded worker,
+so rank row counts differ by at most one unit's rows. (Dealing straight to consumers balanced the consumers, but
+ties went to the lowest ids, i.e. to the first ranks: 10 equal shards on 2 ranks x 2 workers gave the ranks 72
+and 48 rows, and 1000 shards on 64 x 8 consumers up to twice the rows of the smallest rank.) With ``even_ranks``
+every rank then stops at the smallest rank's count, so DDP ranks see the same number of rows; what is cut is
+under one unit per rank, different rows each epoch. Equal rows are not equal batches when each DataLoader worker
+batches its own rows: ``steps`` gives the number of batches every rank can take.
 """
 
 from __future__ import annotations
@@ -61,30 +64,48 @@ def resolve_split(split: str, n_files: int, n_groups: int, n_consumers: int) -> 
     return "row_group" if n_groups >= n_consumers else "row"
 
 
-def assign(groups: list[RowGroup], n_consumers: int, split: str, rng: np.random.Generator | None) -> list[list[Piece]]:
-    """Pieces of every consumer, in reading order.
+def assign(groups: list[RowGroup], n_consumers: int, split: str, rng: np.random.Generator | None,
+           world_size: int = 1) -> list[list[Piece]]:
+    """Pieces of every consumer (``rank * workers + worker``), in reading order.
 
     Args:
         groups: all row groups, in file order.
+        n_consumers: ranks x workers per rank.
         split: ``file``, ``row_group`` or ``row`` (already resolved).
         rng: shuffles the units (and rows, for ``row``); None keeps file order.
+        world_size: ranks; units are balanced across ranks first, then across each rank's workers.
 
     >>> g = [RowGroup(0, 0, 5), RowGroup(1, 0, 3), RowGroup(2, 0, 3)]
     >>> [[p.group.file for p in c] for c in assign(g, 2, "file", None)]
     [[0], [1, 2]]
     >>> [sum(p.n_rows for p in c) for c in assign(g, 4, "row", None)]
     [3, 3, 3, 2]
+    >>> eq = [RowGroup(f, 0, 12) for f in range(10)]  # 2 ranks x 2 workers: 60 rows per rank
+    >>> [sum(p.n_rows for p in c) for c in assign(eq, 4, "file", None, world_size=2)]
+    [36, 24, 36, 24]
     """
     if split == "row":
         return _assign_rows(groups, n_consumers, rng)
     units: list[list[RowGroup]] = _by_file(groups) if split == "file" else [[g] for g in groups]
     order = rng.permutation(len(units)) if rng is not None else np.arange(len(units))
+    workers = n_consumers // world_size
+    rank_of = _deal([sum(g.rows for g in units[u]) for u in order], world_size)
     out: list[list[Piece]] = [[] for _ in range(n_consumers)]
-    load = [(0, c) for c in range(n_consumers)]  # (rows, consumer): least loaded first, ties to the lowest id
-    for u in order:
-        rows, c = heapq.heappop(load)
-        out[c] += [Piece(g) for g in units[u]]
-        heapq.heappush(load, (rows + sum(g.rows for g in units[u]), c))
+    for r in range(world_size):
+        mine = [u for u, owner in zip(order, rank_of) if owner == r]
+        for u, w in zip(mine, _deal([sum(g.rows for g in units[u]) for u in mine], workers)):
+            out[r * workers + w] += [Piece(g) for g in units[u]]
+    return out
+
+
+def _deal(sizes: list[int], n: int) -> list[int]:
+    """Each item, in order, to the least-loaded of ``n`` bins (ties to the lowest): the bin of every item."""
+    load = [(0, b) for b in range(n)]
+    out = []
+    for size in sizes:
+        rows, b = heapq.heappop(load)
+        out.append(b)
+        heapq.heappush(load, (rows + size, b))
     return out
 
 
@@ -107,6 +128,23 @@ def _assign_rows(groups: list[RowGroup], n_consumers: int, rng: np.random.Genera
         pieces = [Piece(groups[g], np.sort(mine[group_of == g]) - starts[g]) for g in np.unique(group_of)]
         out.append(pieces)
     return out
+
+
+def steps(counts: list[int], world_size: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches every rank can take when each DataLoader worker batches its own rows (``counts``: rows per consumer,
+    ``rank * workers + worker``): the fewest over the ranks. Ranks with equal rows can still differ by a batch
+    (each worker's last one is partial), and DDP hangs on the rank that takes one more.
+
+    >>> steps([13, 12, 12, 13], world_size=2, batch_size=4)  # rank 0: 4 + 3 batches, rank 1: 3 + 4
+    7
+    >>> steps([13, 12, 16, 9], world_size=2, batch_size=4)  # rank 0: 4 + 3, rank 1: 4 + 3
+    7
+    >>> steps([5, 5, 9, 1], world_size=2, batch_size=4)  # rank 0: 2 + 2, rank 1: 3 + 1
+    4
+    """
+    workers = len(counts) // world_size
+    per = (lambda n: n // batch_size) if drop_last else (lambda n: -(-n // batch_size))
+    return min(sum(per(n) for n in counts[r * workers : (r + 1) * workers]) for r in range(world_size))
 
 
 def budgets(pieces: list[list[Piece]], world_size: int, even_ranks: bool) -> list[int | None]:

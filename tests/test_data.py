@@ -59,6 +59,27 @@ def test_even_ranks_take_equal_steps(out, rows):
     assert ds.epoch_size(num_workers=2) == len(per_rank[0])
 
 
+def test_equal_shards_split_evenly_across_ranks_and_steps_agree(tmp_path, tiny_codec_dir):
+    """10 equal shards on 2 ranks x 2 workers: each rank gets half the rows, none cut by even_ranks (dealing
+    straight to consumers gave the ranks 24 and 16 rows, and even_ranks cut 8); ``steps_per_epoch`` is the number
+    of batches both ranks can take, although each worker's last batch is partial."""
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    for i in range(20):
+        write_audio(corpus / f"song_{i:02d}.wav", synth(4.0, 32000, 1, "music", seed=i), 32000)
+    out = tmp_path / "out"
+    assert run(compose(base_overrides(corpus, out, tiny_codec_dir, "segment.length_s=2", "output.unit_size=2"))) == 0
+    assert len(list((out / "data").glob("*.parquet"))) == 10
+    batches, steps = [], set()
+    for rank in (0, 1):
+        ds = TokenDataset(out, rank=rank, world_size=2, split="file")
+        assert ds.epoch_size(num_workers=2) == 20  # 40 rows, none cut
+        batches.append(list(DataLoader(ds, batch_size=3, num_workers=2, collate_fn=ds.collate)))
+        steps.add(ds.steps_per_epoch(batch_size=3, num_workers=2))
+    assert sum(len(b["id"]) for b in batches[0]) == sum(len(b["id"]) for b in batches[1]) == 20
+    assert steps == {min(len(b) for b in batches)}  # the same on every rank, and every rank has that many
+
+
 def test_deterministic_by_seed_and_epoch(out):
     def sequence(seed: int, epoch: int) -> list[tuple[str, int, int]]:
         ds = TokenDataset(out, crop_frames=100, seed=seed, shuffle_buffer=4)
