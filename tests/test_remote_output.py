@@ -168,6 +168,19 @@ def test_server_enforces_conditional_writes_and_takeover_is_race_free(s3, tmp_pa
         s3.server.ignore_conditions = False
 
 
+def test_local_takeover_of_one_stale_claim_has_one_winner(tmp_path):
+    """The local store's takeover, as the server's: of two contenders that judged the same claim stale, only the
+    first wins; the second neither moves the winner's claim away nor claims the unit too."""
+    from pipeline.stores.local import LocalStore
+
+    store, path = LocalStore(), tmp_path / "unit-00000"
+    assert store.create_exclusive(path, b"dead owner")
+    seen_by_b, seen_by_c = store.read_lease(path), store.read_lease(path)
+    assert store.take_over(path, b"b", seen_by_b)
+    assert not store.take_over(path, b"c", seen_by_c), "a second taker of one stale claim must lose"
+    assert path.read_bytes() == b"b" and [p.name for p in tmp_path.iterdir()] == ["unit-00000"]
+
+
 def test_claims_live_owner_kept_stale_and_dead_taken_over(s3, tmp_path):
     layout = OutputLayout.open("s3://tok/claims", s3.options, str(tmp_path))
 

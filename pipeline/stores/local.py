@@ -168,12 +168,24 @@ class LocalStore:
             return False
 
     def take_over(self, path: PurePath, data: bytes, stale: Lease) -> bool:
-        """Rename the stale claim away (only one contender's rename succeeds), then create it normally."""
+        """Rename the stale claim away (only one contender's rename succeeds), then create it normally.
+
+        A contender that read the same stale claim but comes second would rename away the winner's new claim, so
+        the renamed file must be the one judged stale (same owner record); otherwise it goes back, and this
+        contender loses (seen: two takers of one stale lease both won, and both did the unit).
+        """
         # No "unit-" in the grave's name: the clean-up removes graves by age, not as a unit's claim.
         grave = Path(path).with_name(f".stale-{Path(path).name.removeprefix('unit-')}-{uuid.uuid4().hex}")
         try:
             os.rename(path, grave)
         except FileNotFoundError:
+            return False
+        if grave.read_bytes() != stale.data:  # a newer claim: not ours to take
+            try:
+                os.link(grave, path)  # back in place, unless yet another claim was created meanwhile
+            except FileExistsError:
+                pass
+            grave.unlink(missing_ok=True)
             return False
         grave.unlink(missing_ok=True)
         return self.create_exclusive(path, data)
