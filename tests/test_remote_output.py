@@ -170,7 +170,8 @@ def test_server_enforces_conditional_writes_and_takeover_is_race_free(s3, tmp_pa
 
 def test_local_takeover_of_one_stale_claim_has_one_winner(tmp_path):
     """The local store's takeover, as the server's: of two contenders that judged the same claim stale, only the
-    first wins; the second neither moves the winner's claim away nor claims the unit too."""
+    first wins; the second neither moves the winner's claim away nor claims the unit too; and an owner that lost
+    its claim can neither heartbeat nor release the new owner's."""
     from pipeline.stores.local import LocalStore
 
     store, path = LocalStore(), tmp_path / "unit-00000"
@@ -179,6 +180,14 @@ def test_local_takeover_of_one_stale_claim_has_one_winner(tmp_path):
     assert store.take_over(path, b"b", seen_by_b)
     assert not store.take_over(path, b"c", seen_by_c), "a second taker of one stale claim must lose"
     assert path.read_bytes() == b"b" and [p.name for p in tmp_path.iterdir()] == ["unit-00000"]
+    # The old owner (another process: its own store) lost the claim: its heartbeat fails, its release keeps b's.
+    old = LocalStore()
+    old_path = tmp_path / "unit-00001"
+    assert old.create_exclusive(old_path, b"old owner")
+    assert LocalStore().take_over(old_path, b"new owner", old.read_lease(old_path))
+    assert not old.refresh_lease(old_path, b"old owner, later")
+    old.release_lease(old_path)
+    assert old_path.read_bytes() == b"new owner"
 
 
 def test_claims_live_owner_kept_stale_and_dead_taken_over(s3, tmp_path):

@@ -74,6 +74,11 @@ def atomic_write_json(path: Path, obj: Any, tmp_dir: Path | None = None) -> None
 class LocalStore:
     """``OutputStore`` on a POSIX filesystem (see the module docstring)."""
 
+    def __init__(self) -> None:
+        # Lease path -> the record this process created there: a heartbeat or release of a claim that was taken
+        # over meanwhile must not touch the new owner's (on S3 the ETag does this).
+        self._leases: dict[str, bytes] = {}
+
     def url(self, path: PurePath) -> str:
         return str(path)
 
@@ -149,6 +154,7 @@ class LocalStore:
             return False
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        self._leases[str(path)] = data
         return True
 
     def read_lease(self, path: PurePath) -> Lease | None:
@@ -160,8 +166,11 @@ class LocalStore:
             return None
 
     def refresh_lease(self, path: PurePath, data: bytes) -> bool:
-        """The mtime is the heartbeat (cheap, and a reader needs no clock but its own); ``data`` is not rewritten."""
+        """The mtime is the heartbeat (cheap, and a reader needs no clock but its own); ``data`` is not rewritten.
+        False when the claim is gone or is another owner's now."""
         try:
+            if not self._is_mine(path):
+                return False
             os.utime(path)
             return True
         except FileNotFoundError:
@@ -191,4 +200,15 @@ class LocalStore:
         return self.create_exclusive(path, data)
 
     def release_lease(self, path: PurePath) -> None:
-        Path(path).unlink(missing_ok=True)
+        """Remove the claim, unless it was taken over since (then it is the new owner's)."""
+        try:
+            if self._is_mine(path):
+                Path(path).unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+        self._leases.pop(str(path), None)
+
+    def _is_mine(self, path: PurePath) -> bool:
+        """The file still holds the record this process created (True for a lease it did not create here)."""
+        mine = self._leases.get(str(path))
+        return mine is None or Path(path).read_bytes() == mine
