@@ -80,11 +80,11 @@ class CudaGraphs:
         if isinstance(graph, _Graph):
             self._graphs[shape] = graph
             self.captured.append(shape)
-            log.info("CUDA graph captured for batches of %s", "x".join(map(str, shape)))
+            log.info("CUDA graph captured for batches of %s", _name(shape))
             return True
         self._pool = None  # a failed or dropped capture may leave the pool in use: the next one starts afresh
         self.failed[shape] = graph
-        log.warning("CUDA graph for batches of %s: %s; that shape runs eager", "x".join(map(str, shape)), graph)
+        log.warning("CUDA graph for batches of %s: %s; that shape runs eager", _name(shape), graph)
         return False
 
     def _capture_checked(self, shape: Shape, device: torch.device) -> _Graph | str:
@@ -135,7 +135,12 @@ class CudaGraphs:
         """``CUDA graphs for 64x1x960000`` (and the shapes that run eager), for the run summary."""
         parts = []
         if self.captured:
-            parts.append("CUDA graphs for " + ", ".join("x".join(map(str, s)) for s in self.captured))
+            parts.append("CUDA graphs for " + ", ".join(map(_name, self.captured)))
         if self.failed:
-            parts.append("eager (graph failed) for " + ", ".join("x".join(map(str, s)) for s in self.failed))
+            parts.append("eager (graph failed) for " + ", ".join(map(_name, self.failed)))
         return "; ".join(parts)
+
+
+def _name(shape: Shape) -> str:
+    """``64x1x960000``."""
+    return "x".join(map(str, shape))

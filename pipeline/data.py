@@ -349,20 +349,21 @@ class TokenDataset(torch.utils.data.IterableDataset):
         pieces = assign(self.groups, consumers, split, rng, self.world_size)
         return pieces, budgets(pieces, self.world_size, self.even_ranks), split
 
+    def consumer_rows(self, num_workers: int = 0) -> list[int]:
+        """Rows every consumer (``rank * workers + worker``) yields this epoch, its budget included."""
+        pieces, limits, _ = self.assignment(num_workers)
+        return [sum(p.n_rows for p in c) if limit is None else limit for c, limit in zip(pieces, limits)]
+
     def epoch_size(self, num_workers: int = 0) -> int:
         """Examples this rank yields this epoch with ``num_workers`` DataLoader workers (for LR schedules)."""
-        pieces, limits, _ = self.assignment(num_workers)
         workers = max(1, num_workers)
-        mine = range(self.rank * workers, (self.rank + 1) * workers)
-        return sum(sum(p.n_rows for p in pieces[c]) if limits[c] is None else limits[c] for c in mine)
+        return sum(self.consumer_rows(num_workers)[self.rank * workers : (self.rank + 1) * workers])
 
     def steps_per_epoch(self, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> int:
         """Batches every rank can take this epoch from ``DataLoader(ds, batch_size, num_workers, drop_last)``: stop
         each rank's epoch there under DDP. Each worker batches its own rows, so ranks with equal rows can still
         differ by a batch, and the rank with one more would wait forever in its extra all-reduce."""
-        pieces, limits, _ = self.assignment(num_workers)
-        counts = [sum(p.n_rows for p in c) if limit is None else limit for c, limit in zip(pieces, limits)]
-        return steps(counts, self.world_size, batch_size, drop_last)
+        return steps(self.consumer_rows(num_workers), self.world_size, batch_size, drop_last)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()

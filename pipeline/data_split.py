@@ -89,11 +89,12 @@ def assign(groups: list[RowGroup], n_consumers: int, split: str, rng: np.random.
     units: list[list[RowGroup]] = _by_file(groups) if split == "file" else [[g] for g in groups]
     order = rng.permutation(len(units)) if rng is not None else np.arange(len(units))
     workers = n_consumers // world_size
-    rank_of = _deal([sum(g.rows for g in units[u]) for u in order], world_size)
+    rows = [sum(g.rows for g in unit) for unit in units]
+    rank_of = _deal([rows[u] for u in order], world_size)
     out: list[list[Piece]] = [[] for _ in range(n_consumers)]
     for r in range(world_size):
         mine = [u for u, owner in zip(order, rank_of) if owner == r]
-        for u, w in zip(mine, _deal([sum(g.rows for g in units[u]) for u in mine], workers)):
+        for u, w in zip(mine, _deal([rows[u] for u in mine], workers)):
             out[r * workers + w] += [Piece(g) for g in units[u]]
     return out
 

@@ -10,7 +10,7 @@ import hashlib
 import io
 import json
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +106,7 @@ _PROVENANCE = ("pretrained", "revision")
 
 
 def fingerprint_of(detail: dict[str, Any]) -> str:
-    codec = {k: v for k, v in detail.get("codec", {}).items() if k not in _PROVENANCE}
-    return hashlib.sha256(json.dumps({**detail, "codec": codec}, sort_keys=True).encode()).hexdigest()[:16]
+    return _digest(_without_codec_keys(detail, _PROVENANCE))
 
 
 def _planned_by_path(old: Plan, detail: dict[str, Any]) -> bool:
@@ -115,9 +114,15 @@ def _planned_by_path(old: Plan, detail: dict[str, Any]) -> bool:
     that rule: it resumes as before (its weights cannot be checked), rather than being refused as another job."""
     if "weights_sha256" in old.fingerprint_detail.get("codec", {}):
         return False
-    codec = {k: v for k, v in detail.get("codec", {}).items() if k != "weights_sha256"}
-    legacy = {**detail, "codec": codec}
-    return old.fingerprint == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+    return old.fingerprint == _digest(_without_codec_keys(detail, ("weights_sha256",)))
+
+
+def _without_codec_keys(detail: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {**detail, "codec": {k: v for k, v in detail.get("codec", {}).items() if k not in keys}}
+
+
+def _digest(detail: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(detail, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def device_kind(device_type: str, cuda_name: str | None = None) -> str:
@@ -180,6 +185,11 @@ def check_same_job(old: Plan, new: Plan, out_dir: Path | str) -> None:
             + "\n  ".join(diffs)
             + "\nWrite to a new output.dir, or pass output.mode=overwrite to delete this one and start again."
         )
+
+
+def check_detail(plan: Plan, detail: dict[str, Any], out_dir: Path | str) -> None:
+    """``check_same_job`` for a run whose only news is its fingerprint detail (same items, same units)."""
+    check_same_job(plan, replace(plan, fingerprint=fingerprint_of(detail), fingerprint_detail=detail), out_dir)
 
 
 def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:

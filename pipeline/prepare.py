@@ -13,8 +13,8 @@ from pipeline.config import RunConfig, logs_dir
 from pipeline.claims import claim_state
 from pipeline.finalize import CodecInfo, finalize
 from pipeline.layout import OutputLayout
-from pipeline.plan import (Plan, build_plan, check_same_job, device_kind, fingerprint_detail,
-                           fingerprint_of, load_items, load_plan, save_plan, wipe)
+from pipeline.plan import (Plan, build_plan, check_detail, check_same_job, device_kind, fingerprint_detail,
+                           load_items, load_plan, save_plan, wipe)
 from pipeline.retry import drop_stale_stashes, reopen_failed_units
 from pipeline.stores import OutputStore
 from pipeline.stores.local import LocalStore
@@ -87,9 +87,7 @@ def prepare(cfg: RunConfig, ranks, barrier: Callable, weights_sha256: str | None
     barrier(ranks)
     if not ranks.is_main:
         plan, items = load_plan(layout), load_items(layout)
-        if plan.fingerprint != fingerprint_of(detail):
-            check_same_job(plan, Plan(**{**plan.__dict__, "fingerprint": fingerprint_of(detail),
-                                         "fingerprint_detail": detail}), layout.url)
+        check_detail(plan, detail, layout.url)
     layout.tmp.mkdir(parents=True, exist_ok=True)  # an object store's scratch folder is local to each host
     return Job(cfg, layout, plan, items, source)
 
@@ -167,9 +165,7 @@ def _device_kind(device: str) -> str:
 def check_weights(plan: Plan, codec, out_dir: str) -> None:
     """Refuse a codec whose weights are not the plan's (loaded after ``prepare`` adopted the plan's hash)."""
     codec_detail = {**plan.fingerprint_detail["codec"], "weights_sha256": codec.fingerprint()["weights_sha256"]}
-    detail = {**plan.fingerprint_detail, "codec": codec_detail}
-    check_same_job(plan, Plan(**{**plan.__dict__, "fingerprint": fingerprint_of(detail),
-                                 "fingerprint_detail": detail}), out_dir)
+    check_detail(plan, {**plan.fingerprint_detail, "codec": codec_detail}, out_dir)
 
 
 def looks_finished(cfg: RunConfig) -> bool:

@@ -18,10 +18,10 @@ class BrokenItem(ValueError):
     """A listed entry that cannot be an item (its ``ERROR_KEY`` message)."""
 
 
-def check_broken(item: AudioItem) -> None:
-    """Raise ``BrokenItem`` for an item listed as broken; nothing for the others."""
+def check_broken(item: AudioItem, error: type[BrokenItem] = BrokenItem) -> None:
+    """Raise ``error`` (a ``BrokenItem``) for an item listed as broken; nothing for the others."""
     if ERROR_KEY in item.metadata:
-        raise BrokenItem(item.metadata[ERROR_KEY])
+        raise error(item.metadata[ERROR_KEY])
 
 
 @dataclass(slots=True)

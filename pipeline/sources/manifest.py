@@ -18,7 +18,7 @@ from typing import IO, Any, Iterator
 
 import fsspec
 
-from pipeline.sources.base import ERROR_KEY, BrokenItem, FetchedAudio, Source, number_items
+from pipeline.sources.base import ERROR_KEY, BrokenItem, FetchedAudio, Source, check_broken, number_items
 from pipeline.sources.storage import (COMPRESSION_SUFFIXES, dirname, is_url, join, read_bytes, read_sidecar,
                                       relative_to)
 from pipeline.types import AudioItem
@@ -133,8 +133,7 @@ class ManifestSource(Source):
         return rel if rel is not None else raw
 
     def fetch(self, item: AudioItem) -> FetchedAudio:
-        if ERROR_KEY in item.metadata:
-            raise ManifestError(item.metadata[ERROR_KEY])
+        check_broken(item, ManifestError)
         meta = read_sidecar(item.source, self.storage_options) if self.sidecar_json else {}
         data = read_bytes(item.source, self.storage_options) if is_url(item.source) else item.source
         return FetchedAudio(data=data, name=item.source, metadata=meta)
