@@ -1,9 +1,11 @@
 """The codec's encode captured as one CUDA graph per batch shape and replayed (``codec.cuda_graph``).
 
-Why: eager EnCodec launches a few kernels per frame in its LSTM (thousands per 30 s batch). Queuing them kept the
-launch thread 76-90% busy on an H200 (competing with the decode workers for cores) and the GPU waits on launches
-between the LSTM's small kernels. A replayed graph is one launch per batch, and the GPU runs the kernels back to
-back.
+Why: eager EnCodec launches a few kernels per frame in its LSTM (thousands per 30 s batch); a replayed graph is
+one launch per batch, and the GPU runs the kernels back to back. Measured on an H100 (BENCHMARKS.md, sixth
+session): no gain at 64 rows of 30 s, the codec's own rate and the pipeline's are the same with and without, and
+the launch thread's 60-90% of a core stays (it is the thread waiting in the driver for a busy GPU, not issuing
+work). Off by default; kept because it is exact and tested, and small batches (fewer rows per LSTM step) may
+gain, which was not measured.
 
 Tokens: a graph replays the kernels its capture recorded, the same ones eager runs (same shapes, same precision
 flags, same cuDNN choices). That is checked, not assumed: each capture is replayed on two batches of noise whose

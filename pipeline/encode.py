@@ -104,9 +104,9 @@ class Launcher:
 
     Two threads, one job each, each in launch order: one fills the next batch's pinned memory (~45 ms for 64 rows
     of 30 s) while the other is still queuing the current batch's kernels, so the launch thread can go from one
-    batch's kernels straight to the next. (Measured on an H200 with 14 decode workers: no change beyond the noise;
-    queuing the kernels, 76-90% of a core, is what keeps the pipeline under the codec's own rate there.) With
-    ``codec.cuda_graph`` a batch is one copy and one graph launch (``pipeline.cuda_graphs``).
+    batch's kernels straight to the next. (Measured on an H200 with 14 decode workers: no change beyond the noise.)
+    The launch thread's CPU (60-90% of a core on an H100, with or without ``codec.cuda_graph``, whose batch is one
+    copy and one graph launch) is mostly the thread waiting in the driver while the GPU runs the batch before.
 
     Args:
         codec: the codec batches go to.

@@ -94,8 +94,8 @@ class RankStats:
     writer_s: float = 0.0
     # Seconds with no batch on the codec (after the first launch): on CUDA, no batch handed to the launcher and
     # not yet collected, the host-side loss between batches (a lower bound on the GPU's idle time: it also idles
-    # while the launch thread is behind in queuing a batch's kernels; see launch CPU); on CPU, where encoding is
-    # synchronous, everything outside encode.
+    # while the launch thread is behind in queuing a batch's kernels); on CPU, where encoding is synchronous,
+    # everything outside encode.
     codec_idle_s: float = 0.0
     wall_s: float = 0.0
     # CPU seconds of the parent's threads (the main loop; the pipe reader; the launcher's fill and launch threads;
