@@ -395,7 +395,8 @@ def report(result: dict[str, Any]) -> str:
             lines.append(f"{name:<42} FAILED (exit {r['returncode']})")
             continue
         pss = r["peak_tree_pss_mb"] or math.nan
-        gpu = f"  GPU {r['peak_gpu_allocated_mb']:.0f} MB" if "peak_gpu_allocated_mb" in r else ""
+        gpu = (f"  GPU {r['peak_gpu_allocated_mb']:.0f} MiB (reserved {r.get('peak_gpu_reserved_mb', 0):.0f})"
+               if "peak_gpu_allocated_mb" in r else "")
         lines.append(f"{name[:41]:<42}{r['audio_s_per_s']:>10.2f}{r['rtf']:>8.3f}{r['timed_s']:>9.1f}"
                      f"{r['cpu_s']:>8.1f}{r['peak_rss_mb']:>8.0f}MB{r['peak_tree_rss_mb']:>8.0f}MB{pss:>8.0f}MB{gpu}")
     lines += [f"{r['label']}: {r[key]}" for r in rows for key in ("rank_loop", "wall_time") if r.get(key)]

@@ -167,7 +167,8 @@ def pipeline_stage(spec: dict[str, Any]) -> dict[str, Any]:
 
 def host(spec: dict[str, Any]) -> dict[str, Any]:
     """The pipeline with an instant codec (codes of zeros, the right shape): everything but the encoder, i.e. the
-    decode, transfer, batching and commit the host must keep up with. Its audio s/s is the most a GPU can be fed."""
+    decode, batching (the fill into pinned memory on CUDA) and commit the host must keep up with (no copies to or
+    from the GPU). Its audio s/s is the most a GPU can be fed."""
     import torch
 
     import pipeline.encode

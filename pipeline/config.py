@@ -273,8 +273,8 @@ def batch_audio_s(setting: Any, device: str) -> float:
 def decode_workers(setting: Any, device_type: str, local_ranks: int = 1, cores: int | None = None) -> int:
     """Decode worker processes for one rank: ``setting`` itself, or for ``auto`` a layout for the machine.
 
-    On CUDA the GPU outruns one core's decoding by ~10x (FLAC + soxr at ~900x realtime per core vs ~10,000x for the
-    encoder), so a rank takes every core it has but two (for its own threads: the loop, the pipe reader, the
+    On CUDA the GPU outruns one core's decoding by ~10x (44.1 kHz FLAC + soxr at ~420-800x realtime per core vs
+    4200-7400x for the encoder on an H100), so a rank takes every core it has but two (for its own threads: the loop, the pipe reader, the
     launcher and the writer, about 0.2 of a core per 1000x realtime, measured on CPU), its share when several ranks
     share a node. On CPU the codec's own threads are the bottleneck and decoding is ~0.5% of a
     core (measured), so two workers keep it fed and leave the cores to the codec.

@@ -3,8 +3,8 @@
 Why: eager EnCodec launches a few kernels per frame in its LSTM (thousands per 30 s batch); a replayed graph is
 one launch per batch, and the GPU runs the kernels back to back. Measured on an H100 (BENCHMARKS.md, sixth
 session): no gain at 64 rows of 30 s, the codec's own rate and the pipeline's are the same with and without, and
-the launch thread's 60-90% of a core stays (it is the thread waiting in the driver for a busy GPU, not issuing
-work). Off by default; kept because it is exact and tested, and small batches (fewer rows per LSTM step) may
+the launch thread's 60-90% of a core stays (most likely the thread waiting in the driver for a busy GPU rather
+than issuing work; not profiled). Off by default; kept because it is exact and tested, and small batches (fewer rows per LSTM step) may
 gain, which was not measured.
 
 Tokens: a graph replays the kernels its capture recorded, the same ones eager runs (same shapes, same precision

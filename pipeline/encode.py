@@ -106,7 +106,8 @@ class Launcher:
     of 30 s) while the other is still queuing the current batch's kernels, so the launch thread can go from one
     batch's kernels straight to the next. (Measured on an H200 with 14 decode workers: no change beyond the noise.)
     The launch thread's CPU (60-90% of a core on an H100, with or without ``codec.cuda_graph``, whose batch is one
-    copy and one graph launch) is mostly the thread waiting in the driver while the GPU runs the batch before.
+    copy and one graph launch) is then most likely the thread waiting in the driver while the GPU runs the batch
+    before (not profiled).
 
     Args:
         codec: the codec batches go to.
