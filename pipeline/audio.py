@@ -90,6 +90,13 @@ _UNKNOWN_SIZE = 0x7FFFF000
 # A judgement, not a measurement: sloppy writers overstate the data size by a header or a pad byte (tens of
 # bytes). Losing under 1 KiB (6 ms of 44.1 kHz 16-bit stereo) is cheaper than dropping the whole item.
 _SLACK_BYTES = 1024
+# Ogg Vorbis and Opus store 3 to 8 channels in Vorbis order (front left, centre, front right, ...; Vorbis I spec
+# 4.3.9, RFC 7845 5.1.1.2) and libsndfile hands them over as stored, where WAV, FLAC and ffmpeg (PyAV) give WAV
+# order (FL, FR, FC, LFE, back/side pairs). Reordered, so ``stereo`` keeps front left and right (measured: a 5.1
+# Opus from ffmpeg kept FL and FC) and every backend gives the same channels. Index i of a tuple: the Vorbis
+# channel that goes to WAV position i.
+_VORBIS_TO_WAV = {3: (0, 2, 1), 5: (0, 2, 1, 3, 4), 6: (0, 2, 1, 5, 3, 4), 7: (0, 2, 1, 6, 5, 3, 4),
+                  8: (0, 2, 1, 7, 5, 6, 3, 4)}
 # libsndfile's SF_COUNT_MAX: the length is unknown (measured: a FLAC whose STREAMINFO says 0 samples, as
 # streamed encoders write). soundfile then cannot size its buffer, so leave such files to PyAV.
 _UNKNOWN_FRAMES = 2**62
@@ -261,8 +268,9 @@ def _soundfile_open(source: AudioSource, label: str) -> tuple[int, int, Iterator
 
 
 def _soundfile_blocks(f: sf.SoundFile, label: str) -> Iterator[np.ndarray]:
-    """``[C, n]`` blocks: int16 for 16-bit PCM (see ``_INT16_SUBTYPES``), float32 otherwise."""
+    """``[C, n]`` blocks: int16 for 16-bit PCM (see ``_INT16_SUBTYPES``), float32 otherwise; channels in WAV order."""
     dtype = "int16" if f.subtype in _INT16_SUBTYPES else "float32"
+    order = _VORBIS_TO_WAV.get(f.channels) if f.format == "OGG" else None
     with f:
         n_read = 0
         while True:
@@ -273,7 +281,7 @@ def _soundfile_blocks(f: sf.SoundFile, label: str) -> Iterator[np.ndarray]:
             if not len(block):
                 break
             n_read += len(block)
-            yield block.T
+            yield block.T if order is None else block.T[order]
         _check_complete(f, n_read, label)
 
 

@@ -167,6 +167,26 @@ def test_stereo_policy(tmp_path, channels):
     assert out.source_channels == channels
 
 
+def _dominant_hz(samples: np.ndarray, sr: int = TARGET_SR) -> float:
+    return float(np.fft.rfftfreq(len(samples), 1 / sr)[np.argmax(np.abs(np.fft.rfft(samples)))])
+
+
+@pytest.mark.parametrize("freqs", [(200, 300, 450), (200, 300, 450, 50, 600, 750)], ids=["3.0", "5.1"])
+def test_ogg_multichannel_comes_in_wav_order(tmp_path, freqs):
+    # One tone per channel, given in WAV order (FL, FR, FC, LFE, BL, BR); ffmpeg stores them in Vorbis order
+    # (FL, FC, FR, ...), which libsndfile hands over as stored: stereo must still keep front left and right.
+    sr = 48000
+    t = np.arange(sr) / sr
+    audio = np.stack([0.3 * np.sin(2 * np.pi * f * t) for f in freqs]).astype(np.float32)
+    path = dummies.write_with_av(tmp_path / "x.opus", audio, sr, "libopus", bit_rate=256000)
+    assert sf.info(str(path)).format == "OGG"  # decoded by libsndfile, not PyAV
+
+    out = decode_audio(path, target_sr=TARGET_SR, channels="stereo")
+
+    assert [_dominant_hz(ch) for ch in out.samples] == [200.0, 300.0]
+    assert out.source_channels == len(freqs)
+
+
 def test_silence_is_valid(tmp_path):
     path = dummies.write_audio(tmp_path / "x.wav", dummies.synth(DURATION_S, 16000, kind="silence"), 16000)
     out = decode_audio(path, target_sr=TARGET_SR)

@@ -21,7 +21,7 @@ _SF_FORMATS = {
     ".aiff": ("AIFF", "PCM_16"),
 }
 # PyAV channel layouts by channel count; 6 channels is the usual 5.1 film/music master.
-_LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1"}
+_LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 6: "5.1"}
 
 
 def synth(duration_s: float, sr: int, channels: int = 1, kind: str = "music", seed: int = 0) -> np.ndarray:
@@ -94,7 +94,7 @@ def write_with_av(
 
     Args:
         codec: ffmpeg encoder name (``aac``, ``libopus``, ``libmp3lame``, ``flac``...). libopus only takes
-            8/12/16/24/48 kHz and 1-2 channels here.
+            8/12/16/24/48 kHz.
         bit_rate: bits per second, encoder default when None (wmav2 needs one, e.g. 128000).
         options: muxer options, e.g. ``{"write_xing": "0"}`` for an mp3 without the header that states its length.
     """
