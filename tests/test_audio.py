@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from pipeline.audio import (
     decode_audio,
     probe_duration,
 )
+from pipeline import mp3
 from pipeline.testing import dummies
 
 TARGET_SR = 32000
@@ -132,6 +134,43 @@ def test_lossy_and_ffmpeg_formats(tmp_path, case):
     corr = {k: _corr_at_lag(ref, out.samples[0], k) for k in range(lag - 20, lag + 21)}
     best = max(corr, key=corr.get)
     assert abs(best - lag) <= 1 and corr[best] > 0.95, (best, corr[best])
+
+
+@pytest.mark.parametrize("writer", ["libsndfile", "ffmpeg"])
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_joined_mp3_files_decode_in_full(tmp_path, writer, as_bytes):
+    # ``cat a.mp3 b.mp3``: the first file's Xing header speaks for 2 s, libsndfile would stop there.
+    sr = 44100
+    parts = [dummies.synth(s, sr, 2, seed=i) for i, s in enumerate((2.0, 3.0))]
+    write = _sf(".mp3") if writer == "libsndfile" else _av(".mp3", "libmp3lame")
+    joined = b"".join(write(tmp_path / f"part{i}", a, sr).read_bytes() for i, a in enumerate(parts))
+    path = tmp_path / "joined.mp3"
+    path.write_bytes(joined)
+
+    out = decode_audio(joined if as_bytes else path, target_sr=TARGET_SR)
+
+    # Both parts, give or take the second one's encoder delay and a frame of padding at the join.
+    assert abs(out.samples.shape[1] / TARGET_SR - 5.0) < 0.1, out.samples.shape[1] / TARGET_SR
+    whole = decode_audio(write(tmp_path / "whole", parts[0], sr), target_sr=TARGET_SR)
+    np.testing.assert_allclose(out.samples[:, : TARGET_SR], whole.samples[:, : TARGET_SR], atol=1e-4)
+
+
+@pytest.mark.parametrize("tags", ["", "id3v1", "ape+id3v1"])
+def test_mp3_extent_counts_only_audio_bytes(tmp_path, tags):
+    path = _sf(".mp3")(tmp_path / "x", dummies.synth(1.0, 44100, 2), 44100)
+    whole = mp3.read_extent(path)
+    assert whole is not None and whole.present_bytes == whole.declared_bytes
+    ape_items = b"\x05\x00\x00\x00\x00\x00\x00\x00Title\x00hello"
+    ape = (b"APETAGEX" + struct.pack("<IIII", 2000, 32 + len(ape_items), 1, 0) + bytes(8))
+    trailer = {"": b"", "id3v1": b"TAG" + bytes(125), "ape+id3v1": ape_items + ape + b"TAG" + bytes(125)}[tags]
+    path.write_bytes(path.read_bytes() + trailer)
+    assert mp3.read_extent(path) == whole
+    assert decode_audio(path, target_sr=TARGET_SR).samples.shape[1] == round(1.0 * TARGET_SR)
+
+
+def test_mp3_without_xing_states_nothing(tmp_path):
+    path = _av(".mp3", "libmp3lame", options={"write_xing": "0"})(tmp_path / "x", dummies.synth(1.0, 44100, 2), 44100)
+    assert mp3.read_extent(path) is None
 
 
 def _corr_at_lag(ref: np.ndarray, got: np.ndarray, lag: int) -> float:

@@ -8,8 +8,8 @@ notes in ``pipeline/audio.py``):
 - a cut WAV or AIFF is ``truncated``: the header states the data size and libsndfile logs the shortfall;
 - a cut FLAC loses sync in both decoders and a cut M4A loses its index (the ``moov`` atom is written last), so
   both are ``undecodable`` rather than ``truncated``;
-- a cut MP3 decodes, shorter, and is *ok*: MP3 states no exact length (the Xing count is an estimate when absent),
-  so a short decode is no evidence of damage.
+- a cut MP3 with a Xing/Info header is ``truncated`` (the header states the stream's bytes, ``pipeline.mp3``); one
+  without such a header decodes, shorter, and is *ok*: nothing states its length, so a short decode is no evidence.
 """
 
 from __future__ import annotations
@@ -73,6 +73,10 @@ def _tone(path: Path, seconds: float = 1.5, sr: int = 16000) -> Path:
     return d.write_audio(path, d.synth(seconds, sr, seed=7), sr)
 
 
+def _noxing_mp3(path: Path, seconds: float, sr: int = 16000) -> Path:
+    return d.write_with_av(path, d.synth(seconds, sr, seed=7), sr, "libmp3lame", options={"write_xing": "0"})
+
+
 # id -> (writer, expected (stage, reason) or OK)
 HOSTILE = {
     "bad/empty.wav": (d.write_empty, ("decode", "empty")),
@@ -85,7 +89,9 @@ HOSTILE = {
     "bad/truncated.aiff": (lambda p: _cut(d.write_audio(p, d.synth(2.0, 16000), 16000)), ("decode", "truncated")),
     "bad/truncated.flac": (lambda p: _cut(_tone(p)), ("decode", "undecodable")),
     "bad/truncated.m4a": (lambda p: _cut(d.write_with_av(p, d.synth(2.0, 16000), 16000)), ("decode", "undecodable")),
-    "bad/truncated.mp3": (lambda p: _cut(_tone(p, 3.0)), OK),
+    # An MP3 with a Xing header (libsndfile's LAME writer adds one) states its bytes; one without states nothing.
+    "bad/truncated.mp3": (lambda p: _cut(_tone(p, 3.0)), ("decode", "truncated")),
+    "bad/truncated_noxing.mp3": (lambda p: _cut(_noxing_mp3(p, 3.0)), OK),
     "bad/nan.wav": (d.write_nan_wav, ("decode", "non_finite")),
     "bad/inf.wav": (lambda p: d.write_nan_wav(p, value=np.inf), ("decode", "non_finite")),
     "bad/random_bytes.mp3": (d.write_garbage, ("decode", "undecodable")),
@@ -154,8 +160,9 @@ def test_every_hostile_input_is_accounted_for(tokenized, hostile):
     assert stats["failures_by_reason"]["decode:undecodable"] == 4
     rows = read_rows(tokenized)
     assert rows[("good/silence.wav", 0)]["codes"].size > 0
-    # The cut MP3 is ok but shorter than the 3 s it was written with.
-    assert rows[("bad/truncated.mp3", 0)]["duration_s"] < 2.0
+    # The cut MP3 without a Xing header is ok (nothing states its length) but shorter than the 3 s written.
+    assert rows[("bad/truncated_noxing.mp3", 0)]["duration_s"] < 2.0
+    assert "MP3 header declares" in {r["item_id"]: r for r in ledger(tokenized)}["bad/truncated.mp3"]["message"]
     assert rows[("good/s24_96k_6ch.flac", 0)]["source_channels"] == 6
     assert rows[("good/u8_8k_mono.wav", 0)]["source_sample_rate"] == 8000
 
