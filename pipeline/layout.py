@@ -78,7 +78,13 @@ class OutputLayout:
 
     @property
     def items(self) -> PurePath:
+        """Where folders planned before item lists were named by their hash keep theirs."""
         return self.state / "items.jsonl"
+
+    def items_of(self, items_hash: str) -> PurePath:
+        """``.state/items-<hash>.jsonl``: named by its hash, so a launch refused for listing other inputs cannot
+        replace the planned job's list (it writes its own file beside it)."""
+        return self.state / f"items-{items_hash}.jsonl"
 
     @property
     def finalize_claim(self) -> PurePath:

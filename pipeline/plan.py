@@ -160,14 +160,27 @@ def save_plan(layout: OutputLayout, plan: Plan, items: list[AudioItem]) -> bool:
     created one first; the caller then checks it is the same job.
     """
     layout.make_dirs()
-    lines = "".join(json.dumps(asdict(it), ensure_ascii=False, default=str) + "\n" for it in items)
-    layout.store.write_atomic(layout.items, lines.encode(), layout.tmp)
+    save_items(layout, plan, items)
     return layout.store.create_atomic(layout.plan, json_bytes(asdict(plan)), layout.tmp)
 
 
-def load_items(layout: OutputLayout) -> list[AudioItem]:
-    with layout.store.open_read(layout.items) as f:
-        return [AudioItem(**json.loads(line)) for line in io.TextIOWrapper(f, encoding="utf-8")]
+def save_items(layout: OutputLayout, plan: Plan, items: list[AudioItem]) -> None:
+    """The item list under its hash, unless there already (same hash, same list)."""
+    lines = "".join(json.dumps(asdict(it), ensure_ascii=False, default=str) + "\n" for it in items)
+    layout.store.create_atomic(layout.items_of(plan.items_hash), lines.encode(), layout.tmp)
+
+
+def load_items(layout: OutputLayout, plan: Plan) -> list[AudioItem]:
+    """The planned item list, checked against the plan's hash (ranks other than the first encode from it)."""
+    path = layout.items_of(plan.items_hash)
+    path = path if layout.store.exists(path) else layout.items
+    with layout.store.open_read(path) as f:
+        items = [AudioItem(**json.loads(line)) for line in io.TextIOWrapper(f, encoding="utf-8")]
+    if items_hash(items) != plan.items_hash or len(items) != plan.n_items:
+        raise PlanMismatch(f"{layout.store.url(path)} lists {len(items)} items (hash {items_hash(items)}), the plan "
+                           f"{plan.n_items} (hash {plan.items_hash}); the folder's state was changed by hand or by "
+                           "another job: rerun the same command (the first rank writes it again), or use a new output.dir")
+    return items
 
 
 def check_same_job(old: Plan, new: Plan, out_dir: Path | str) -> None:

@@ -14,7 +14,7 @@ from pipeline.claims import claim_state
 from pipeline.finalize import CodecInfo, finalize
 from pipeline.layout import OutputLayout
 from pipeline.plan import (Plan, build_plan, check_detail, check_same_job, device_kind, fingerprint_detail,
-                           load_items, load_plan, save_plan, wipe)
+                           load_items, load_plan, save_items, save_plan, wipe)
 from pipeline.retry import drop_stale_stashes, reopen_failed_units
 from pipeline.stores import OutputStore
 from pipeline.stores.local import LocalStore
@@ -86,7 +86,8 @@ def prepare(cfg: RunConfig, ranks, barrier: Callable, weights_sha256: str | None
         plan, items = _plan_on_main(cfg, layout, source, detail)
     barrier(ranks)
     if not ranks.is_main:
-        plan, items = load_plan(layout), load_items(layout)
+        plan = load_plan(layout)
+        items = load_items(layout, plan)
         check_detail(plan, detail, layout.url)
     layout.tmp.mkdir(parents=True, exist_ok=True)  # an object store's scratch folder is local to each host
     return Job(cfg, layout, plan, items, source)
@@ -110,6 +111,7 @@ def _plan_on_main(cfg: RunConfig, layout: OutputLayout, source: Source, detail: 
     assert old is not None
     check_same_job(old, new, layout.url)
     layout.make_dirs()
+    save_items(layout, old, items)  # the other ranks read it: a folder planned before lists were named by hash
     # A new run finalizes again (stats may change with retry_failed; a crash may have cut the last finalize).
     layout.store.delete(layout.finalize_claim)
     drop_stale_stashes(layout)

@@ -320,3 +320,34 @@ def test_overwrite_removes_the_old_job_and_its_verify_report(corpus, tmp_path, t
                                       "segment.length_s=5"))) == 0
     assert not (out / "verify").exists() and (out / "NOTES.txt").read_text() == "mine"
     assert json.loads((out / ".state" / "plan.json").read_text())["fingerprint_detail"]["segment"]["length_s"] == 5
+
+
+def test_a_refused_launch_leaves_the_planned_item_list(corpus, tmp_path, tiny_codec_dir):
+    """Two launches on one empty folder at once, with other inputs: the loser is refused after writing its list, and
+    must not replace the winner's, which the other ranks encode from. A list that does not match the plan's hash
+    (changed by hand) stops those ranks instead of encoding other audio."""
+    import shutil
+
+    from pipeline.layout import OutputLayout
+    from pipeline.plan import PlanMismatch, build_plan, load_items, load_plan, save_plan
+    from pipeline.prepare import output_layout
+    from pipeline.sources import build_source
+
+    other = shutil.copytree(corpus, tmp_path / "other")
+    next(other.rglob("*.wav")).unlink()
+    out = tmp_path / "out"
+    cfg = compose(base_overrides(corpus, out, tiny_codec_dir))
+    assert run(cfg) == 0
+    layout: OutputLayout = output_layout(cfg)
+    planned = load_plan(layout)
+    loser_cfg = compose(base_overrides(other, out, tiny_codec_dir))
+    loser_items = build_source(loser_cfg.dataset).list_items()
+    loser = build_plan(loser_items, loser_cfg, planned.fingerprint_detail, {"kind": "other"})
+    assert save_plan(layout, loser, loser_items) is False  # refused: the folder has a plan
+
+    assert [it.id for it in load_items(layout, planned)] == [it.id for it in build_source(cfg.dataset).list_items()]
+    listed = layout.items_of(planned.items_hash)
+    listed_path = out / listed.relative_to(layout.root)
+    listed_path.write_text("".join(listed_path.read_text().splitlines(keepends=True)[1:]))
+    with pytest.raises(PlanMismatch, match="lists"):
+        load_items(layout, planned)
