@@ -151,9 +151,22 @@ class Claims:
 
     def _beat(self, unit: int) -> None:
         with self._lock:
-            if unit in self.held and not self.store.refresh_lease(self.layout.claim(unit), self._record()):
-                log.warning("lost the claim of unit %d (gone or taken over); its commit is idempotent", unit)
-                self.held.discard(unit)
+            self._refresh(unit)
+
+    def _refresh(self, unit: int) -> None:
+        """Heartbeat one held claim; a claim that is gone or was taken over is no longer held (under the lock)."""
+        if unit in self.held and not self.store.refresh_lease(self.layout.claim(unit), self._record()):
+            log.warning("lost the claim of unit %d (gone or taken over): this run will not commit it", unit)
+            self.held.discard(unit)
+
+    def confirm(self, unit: int) -> bool:
+        """Just before publishing a unit: True while this process still holds its claim (checked now, not at the
+        last heartbeat) and no run has committed it. A run paused past its lease (a suspended laptop, a stopped
+        process, a stalled filesystem) finds its claim taken over here and must not publish over the new owner's
+        work: a second attempt's failures (timeouts, crashes) need not be the first's."""
+        with self._lock:
+            self._refresh(unit)
+            return unit in self.held and not self.store.exists(self.layout.marker(unit))
 
     def close(self, release: bool = True) -> None:
         """Stop the heartbeat; by default release every claim so a rerun can take the units at once."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import PurePath
 
@@ -152,15 +153,17 @@ def merged_counts(a: UnitCounts, b: UnitCounts) -> UnitCounts:
 
 
 def commit_merged(writer: UnitWriter, unit: int, kept: KeptUnit, rows: list[EncodedSegment],
-                  failures: list[Failure], counts: UnitCounts, marker_extra: dict) -> UnitCounts:
+                  failures: list[Failure], counts: UnitCounts, marker_extra: dict,
+                  still_mine: Callable[[], bool] = lambda: True) -> bool:
     """``UnitWriter.commit`` for a reopened unit: kept rows + new rows, in row order, through the same commit
-    protocol; then the stash goes. Returns the unit's merged counts."""
+    protocol; then the stash goes. False when the unit's claim was lost (``UnitWriter.commit_table``)."""
     table = _in_row_order(pa.concat_tables([kept.table.cast(writer.schema), writer.rows_table(rows)]), kept.order)
     total = merged_counts(kept.counts, counts)
     failures = sorted(kept.failures + failures, key=lambda f: kept.order[f.item_id])
-    writer.commit_table(unit, table, failures, total, marker_extra)
+    if not writer.commit_table(unit, table, failures, total, marker_extra, still_mine):
+        return False
     writer.layout.store.delete_tree(stash_dir(writer.layout, unit))
-    return total
+    return True
 
 
 def _in_row_order(table: pa.Table, order: dict[str, int]) -> pa.Table:

@@ -7,6 +7,7 @@ for each other, and the output does not depend on how many ranks there were.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import signal
 import socket
@@ -372,15 +373,18 @@ class Runner:
         self._finish_commits(wait=False)
 
     def _commit(self, unit: OpenUnit, rows: list[EncodedSegment], failures: list[Failure], counts: UnitCounts,
-                extra: dict) -> None:
-        """The writer thread's job: one unit's shard, failure log and marker (``UnitWriter``'s commit protocol)."""
+                extra: dict) -> bool:
+        """The writer thread's job: one unit's shard, failure log and marker (``UnitWriter``'s commit protocol),
+        unless this run lost the unit's claim meanwhile (False)."""
         t0, cpu0 = time.monotonic(), time.thread_time()
+        still_mine = functools.partial(self.claims.confirm, unit.unit)
         if unit.kept is None:
-            self.writer.commit(unit.unit, rows, failures, counts, extra)
+            committed = self.writer.commit(unit.unit, rows, failures, counts, extra, still_mine)
         else:
-            commit_merged(self.writer, unit.unit, unit.kept, rows, failures, counts, extra)
+            committed = commit_merged(self.writer, unit.unit, unit.kept, rows, failures, counts, extra, still_mine)
         self.stats.writer_s += time.monotonic() - t0
         self.stats.writer_cpu_s += time.thread_time() - cpu0
+        return committed
 
     def _finish_commits(self, wait: bool) -> None:
         """Release the claims of committed units, in order; wait while too many are pending (or all, ``wait``).
@@ -391,8 +395,10 @@ class Runner:
         while self.committing and (wait or self.committing[0][2].done()
                                    or len(self.committing) > self.max_pending_commits):
             unit, counts, future = self.committing.popleft()
-            future.result()
+            committed = future.result()
             self.claims.release(unit)
+            if not committed:  # another run owns it now and commits it (this run's summary leaves it out)
+                continue
             self.stats.units += 1
             self.stats.items += counts.items
             self.stats.audio_s += counts.audio_s

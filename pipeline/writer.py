@@ -9,9 +9,11 @@ upload-then-marker: the temp file is in a local scratch folder and "rename" is o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ import pyarrow.parquet as pq
 from pipeline.layout import FILE_MODE, OutputLayout
 from pipeline.stores import json_bytes
 from pipeline.types import EncodedSegment, Failure
+
+log = logging.getLogger(__name__)
 
 # MusicGen / audiocraft ``MusicInfo`` fields get typed columns of their own; every other metadata field goes into
 # the ``metadata`` JSON column, so every shard has the same schema whatever its items carried.
@@ -103,18 +107,31 @@ class UnitWriter:
         self.rows_table([])
 
     def commit(self, unit: int, rows: list[EncodedSegment], failures: list[Failure], counts: UnitCounts,
-               marker_extra: dict[str, Any]) -> None:
-        """Write the unit's rows (in item, segment order), failure log and marker."""
-        self.commit_table(unit, self.rows_table(rows), failures, counts, marker_extra)
+               marker_extra: dict[str, Any], still_mine: Callable[[], bool] = lambda: True) -> bool:
+        """Write the unit's rows (in item, segment order), failure log and marker; see ``commit_table``."""
+        return self.commit_table(unit, self.rows_table(rows), failures, counts, marker_extra, still_mine)
 
     def commit_table(self, unit: int, table: pa.Table, failures: list[Failure], counts: UnitCounts,
-                     marker_extra: dict[str, Any]) -> None:
-        """The commit protocol for a ready table: shard, then failure log, then the marker, last."""
+                     marker_extra: dict[str, Any], still_mine: Callable[[], bool] = lambda: True) -> bool:
+        """The commit protocol for a ready table: shard, then failure log, then the marker, last.
+
+        ``still_mine`` (the unit's claim, ``Claims.confirm``) is asked before the shard and again before the marker;
+        False stops the commit there (returns False): another run owns the unit now, and what this one published
+        before it lost the claim is overwritten by that run's commit. The marker is created only if absent.
+        """
+        if not still_mine():
+            return False
         self._write_shard(unit, table)
         fault_point("after_rename")
         self._write_failures(unit, failures)
+        if not still_mine():
+            return False
         marker = {"unit": unit, "counts": asdict(counts), **marker_extra}
-        self.layout.store.write_atomic(self.layout.marker(unit), json_bytes(marker), self.layout.tmp)
+        if not self.layout.store.create_atomic(self.layout.marker(unit), json_bytes(marker), self.layout.tmp):
+            log.warning("unit %d was committed by another run while this one published it; its shard and failure "
+                        "log may now be this run's: check the folder with python -m pipeline.verify", unit)
+            return False
+        return True
 
     def rows_table(self, rows: list[EncodedSegment]) -> pa.Table:
         """Rows -> a table of the shard schema, sorted by (item index, segment index)."""

@@ -190,6 +190,48 @@ def test_local_takeover_of_one_stale_claim_has_one_winner(tmp_path):
     assert old_path.read_bytes() == b"new owner"
 
 
+def test_a_run_that_lost_its_claim_does_not_commit(tmp_path):
+    """A run paused past its lease (laptop suspended, SIGSTOP, a stalled filesystem) wakes up after another run took
+    its unit over and committed it: it must not publish its own attempt over the other's (whose failures, e.g. a
+    decode timeout, may differ), and a commit asked while the claim is held goes through."""
+    import pyarrow as pa
+
+    from pipeline.types import Failure
+    from pipeline.writer import UnitCounts, UnitWriter, row_schema
+
+    layout = OutputLayout.open(str(tmp_path / "out"), None, str(tmp_path / "tmp"))
+    layout.make_dirs()
+    writer = UnitWriter(layout, n_units=2, num_codebooks=4, file_metadata={})
+    empty = pa.Table.from_pylist([], schema=row_schema(4))
+    other_layout = OutputLayout.open(str(tmp_path / "out"), None, str(tmp_path / "tmp"))  # another run's store
+    paused, other = Claims(layout, lease_s=60), Claims(other_layout, lease_s=60)
+    try:
+        assert paused.claim_next(2) == 0
+        # The other run took the claim over (as after the lease ran out) and committed the unit, no failures.
+        claim = layout.claim(0)
+        assert other_layout.store.take_over(claim, other._record(), other_layout.store.read_lease(claim))
+        other.held.add(0)
+        assert writer.commit_table(0, empty, [], UnitCounts(items=1, ok=1), {"by": "other"},
+                                   lambda: other.confirm(0))
+        shard = (tmp_path / "out" / layout.shard(0, 2).relative_to(layout.root)).read_bytes()
+
+        crash = Failure(item_id="a.wav", source="a.wav", stage="decode", reason="crash", error_type="X", message="m")
+        assert not writer.commit_table(0, empty, [crash], UnitCounts(items=1, failed=1), {"by": "paused"},
+                                       lambda: paused.confirm(0))
+        assert json.loads(layout.store.read_bytes(layout.marker(0)))["by"] == "other"
+        assert not layout.store.exists(layout.failure_log(0)), "the paused run's failure log was published"
+        assert (tmp_path / "out" / layout.shard(0, 2).relative_to(layout.root)).read_bytes() == shard
+        assert 0 not in paused.held_units()
+
+        assert paused.claim_next(2, start=1) == 1  # held: its commit goes through
+        assert writer.commit_table(1, empty, [crash], UnitCounts(items=1, failed=1), {"by": "paused"},
+                                   lambda: paused.confirm(1))
+        assert layout.store.exists(layout.failure_log(1))
+    finally:
+        paused.close()
+        other.close()
+
+
 def test_claims_live_owner_kept_stale_and_dead_taken_over(s3, tmp_path):
     layout = OutputLayout.open("s3://tok/claims", s3.options, str(tmp_path))
 
