@@ -220,7 +220,9 @@ def wipe(layout: OutputLayout) -> None:
     """``output.mode=overwrite``: remove the folders this pipeline owns (``data/`` whole, foreign files in it
     included, since loaders read every file there; ``failures/``, ``.state/``, and ``verify/``, whose report would
     describe the old job) and its files at the top (``README.md``, ``stats.json``). Anything else stays."""
-    for path in (layout.data, layout.failures, layout.state, layout.root / "verify"):
+    # The state first: a wipe cut short then leaves shards without markers (redone and overwritten by the next run),
+    # never markers whose shards are gone.
+    for path in (layout.state, layout.data, layout.failures, layout.root / "verify"):
         layout.store.delete_tree(path)
     for name in ("README.md", "stats.json"):
         layout.store.delete(layout.root / name)

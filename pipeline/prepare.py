@@ -118,9 +118,21 @@ def _plan_on_main(cfg: RunConfig, layout: OutputLayout, source: Source, detail: 
     if cfg.output.retry_failed:
         reopened = reopen_failed_units(layout, old.n_units)
         log.info("retry_failed: %d unit(s) reopened for their failed items only", len(reopened))
+    _reopen_units_without_shards(layout, old.n_units)
     _clean_uncommitted(layout, cfg.claim_lease_s)
     log.info("resuming: %d of %d units done", len(layout.done_units()), old.n_units)
     return old, items
+
+
+def _reopen_units_without_shards(layout: OutputLayout, n_units: int) -> None:
+    """A done marker whose shard is gone (deleted by hand, an object store's lifecycle rule, a crash of an older
+    overwrite between its deletes) would stop finalize on every rerun: the unit is redone instead."""
+    shards = set(layout.store.list_names(layout.data))
+    for unit in sorted(layout.done_units()):
+        if layout.shard(unit, n_units).name not in shards:
+            log.warning("unit %d is marked done but its shard %s is missing: encoding it again", unit,
+                        layout.shard(unit, n_units).name)
+            layout.store.delete(layout.marker(unit))
 
 
 def _clean_uncommitted(layout: OutputLayout, lease_s: float) -> None:
