@@ -84,7 +84,7 @@ def fingerprint_detail(cfg: RunConfig, device_kind: str, weights_sha256: str | N
         from importlib.metadata import version
 
         codec["onnxruntime"] = version("onnxruntime")
-    return {
+    detail = {
         "codec": codec,
         "device_kind": device_kind,
         # Intra-op threads change float reduction order on CPU; on GPU they do not touch the kernels.
@@ -97,6 +97,20 @@ def fingerprint_detail(cfg: RunConfig, device_kind: str, weights_sha256: str | N
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "pipeline": __version__,
                      "row_schema": ROW_SCHEMA_VERSION},
     }
+    if rows := row_settings(cfg):
+        detail["rows"] = rows
+    return detail
+
+
+def row_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What shapes a row's columns besides its tokens: a resume with other values would mix, say, rows whose
+    caption is ``description`` with rows where it is ``metadata.caption``. Only values off their defaults, so the
+    fingerprint of a folder planned before these were in it is unchanged."""
+    d = cfg.dataset
+    settings = {"rename": dict(d.rename) if d.rename else None, "sidecar_json": d.sidecar_json,
+                "metadata_columns": list(d.metadata_columns) if d.metadata_columns is not None else None}
+    defaults = {"rename": None, "sidecar_json": True, "metadata_columns": None}
+    return {k: v for k, v in settings.items() if v != defaults[k]}
 
 
 # Where the weights were loaded from is provenance, not identity: the fingerprint takes the weights' own hash
@@ -209,8 +223,8 @@ def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]
     out = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _dict_diff(va, vb, f"{prefix}{key}.")
+        if isinstance(va, dict | None) and isinstance(vb, dict | None) and (va or vb):  # a missing group: {}
+            out += _dict_diff(va or {}, vb or {}, f"{prefix}{key}.")
         elif va != vb:
             out.append((f"{prefix}{key}", va, vb))
     return out

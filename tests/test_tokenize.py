@@ -366,3 +366,21 @@ def test_a_lost_shard_is_encoded_again(corpus, tmp_path, tiny_codec_dir):
     assert run(compose(base_overrides(corpus, out, tiny_codec_dir))) == 0
     assert pq.read_table(shard).equals(before)
     assert json.loads((out / "stats.json").read_text())["rows"] == len(read_rows(out))
+
+
+def test_row_settings_are_part_of_the_job(corpus, tmp_path, tiny_codec_dir):
+    """``dataset.rename``, ``dataset.sidecar_json`` and ``dataset.metadata_columns`` shape the rows: a resume with
+    other values would mix two column layouts in one dataset, so it is refused like any other job. At their defaults
+    they leave the fingerprint as it was before they were in it."""
+    from pipeline.plan import PlanMismatch, fingerprint_detail
+
+    assert "rows" not in fingerprint_detail(compose(base_overrides(corpus, tmp_path / "x", tiny_codec_dir)), "cpu")
+    out = tmp_path / "out"
+    renamed = base_overrides(corpus, out, tiny_codec_dir, "dataset.rename={title: description}")
+    assert run(compose(renamed)) == 0
+    _reopen_last_unit(out)
+    with pytest.raises(PlanMismatch, match="rows.rename"):
+        run(compose(base_overrides(corpus, out, tiny_codec_dir)))
+    with pytest.raises(PlanMismatch, match="rows.sidecar_json"):
+        run(compose([*renamed, "dataset.sidecar_json=false"]))
+    assert run(compose(renamed)) == 0
