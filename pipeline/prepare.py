@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePath
 from typing import Any, Callable
 
 from pipeline.config import RunConfig, logs_dir
-from pipeline.claims import claim_state
+from pipeline.claims import Owner, claim_state, judge
 from pipeline.finalize import CodecInfo, finalize
 from pipeline.layout import OutputLayout
 from pipeline.plan import (Plan, build_plan, check_detail, check_same_job, device_kind, fingerprint_detail,
                            load_items, load_plan, save_items, save_plan, wipe)
 from pipeline.retry import drop_stale_stashes, reopen_failed_units
-from pipeline.stores import OutputStore
+from pipeline.stores import OutputStore, json_bytes
 from pipeline.stores.local import LocalStore
 from pipeline.sources import Source, build_source
 from pipeline.types import AudioItem
@@ -40,14 +41,31 @@ class Job:
         return self.layout.done_units() >= set(range(self.plan.n_units))
 
     def finalize_if_done(self) -> dict[str, Any] | None:
-        """Merge stats and write the card once every unit is done: the first rank to claim it does it, once."""
+        """Merge stats and write the card once every unit is done. The first rank to claim it does it; the others
+        wait until its claim says done, and take over if its owner died, so that every run that exits 0 leaves a
+        finalized folder (a finalizer killed mid-way left the others exiting 0 with no stats or card)."""
         if not self.finished or not self._claim_finalize():
             return None
         marker = json.loads(self.layout.store.read_bytes(self.layout.marker(0)))
-        return finalize(self.layout, self.plan, CodecInfo(**marker["codec"]))
+        stats = finalize(self.layout, self.plan, CodecInfo(**marker["codec"]))
+        self.layout.store.write_atomic(self.layout.finalize_claim, json_bytes({"done": True}), self.layout.tmp)
+        return stats
 
     def _claim_finalize(self) -> bool:
-        return self.layout.store.create_exclusive(self.layout.finalize_claim, b"")
+        """True when this run is to finalize; False once another run has (waits while one is at it)."""
+        store, claim = self.layout.store, self.layout.finalize_claim
+        record = json_bytes(asdict(Owner.me()))
+        while not store.create_exclusive(claim, record):
+            lease = store.read_lease(claim)
+            if lease is None:
+                continue  # released between our create and our read: try again
+            if lease.data == json_bytes({"done": True}):
+                return False
+            if judge(lease, self.cfg.claim_lease_s) == "stale" and store.take_over(claim, record, lease):
+                log.warning("the run finalizing this folder is gone; finalizing it here")
+                return True
+            time.sleep(1.0)
+        return True
 
 
 def output_layout(cfg: RunConfig) -> OutputLayout:

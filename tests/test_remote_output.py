@@ -190,6 +190,17 @@ def test_local_takeover_of_one_stale_claim_has_one_winner(tmp_path):
     assert old_path.read_bytes() == b"new owner"
 
 
+def test_a_local_claim_is_created_whole_or_not_at_all(tmp_path):
+    """The claim's record is written before its name exists (linked from a temp file): a kill between an exclusive
+    create and its write used to leave an empty claim, read as a live owner for the whole lease."""
+    from pipeline.stores.local import LocalStore
+
+    store, path = LocalStore(), tmp_path / "unit-00000"
+    assert store.create_exclusive(path, b"owner record")
+    assert not LocalStore().create_exclusive(path, b"second")
+    assert path.read_bytes() == b"owner record" and [p.name for p in tmp_path.iterdir()] == ["unit-00000"]
+
+
 def test_a_run_that_lost_its_claim_does_not_commit(tmp_path):
     """A run paused past its lease (laptop suspended, SIGSTOP, a stalled filesystem) wakes up after another run took
     its unit over and committed it: it must not publish its own attempt over the other's (whose failures, e.g. a

@@ -384,3 +384,38 @@ def test_row_settings_are_part_of_the_job(corpus, tmp_path, tiny_codec_dir):
     with pytest.raises(PlanMismatch, match="rows.sidecar_json"):
         run(compose([*renamed, "dataset.sidecar_json=false"]))
     assert run(compose(renamed)) == 0
+
+
+def test_finalize_waits_for_a_live_finalizer_and_takes_over_a_dead_ones(corpus, tmp_path, tiny_codec_dir):
+    """Every run that exits 0 leaves a finalized folder: a run that finds the finalize claim taken returns once the
+    claim says done, and finalizes itself when the claim's owner is dead (a finalizer killed mid-way used to leave
+    the other runs exiting 0 with no stats.json or card); an empty claim of an older version goes stale too."""
+    import os
+    import socket
+
+    from pipeline.plan import load_items, load_plan
+    from pipeline.prepare import Job, output_layout
+    from pipeline.sources import build_source
+
+    out = tmp_path / "out"
+    cfg = compose(base_overrides(corpus, out, tiny_codec_dir, "claim_lease_s=5"))
+    assert run(cfg) == 0
+    layout = output_layout(cfg)
+    plan = load_plan(layout)
+    job = Job(cfg, layout, plan, load_items(layout, plan), build_source(cfg.dataset))
+    claim = out / ".state" / "finalize.claim"
+    assert json.loads(claim.read_text()) == {"done": True}
+    assert job.finalize_if_done() is None  # done by the run above: nothing to do
+
+    for leftover in ("dead", "empty"):
+        (out / "stats.json").unlink()
+        (out / "README.md").unlink()
+        if leftover == "dead":  # this host, this pid, another start time: a finalizer that is gone
+            claim.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": 0.0,
+                                         "token": "t"}))
+        else:
+            claim.write_bytes(b"")
+            os.utime(claim, (0, 0))  # older than the lease
+        stats = job.finalize_if_done()
+        assert stats is not None and (out / "stats.json").exists() and (out / "README.md").exists(), leftover
+        assert json.loads(claim.read_text()) == {"done": True}

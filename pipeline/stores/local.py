@@ -148,6 +148,23 @@ class LocalStore:
         return None
 
     def create_exclusive(self, path: PurePath, data: bytes) -> bool:
+        """Whole or absent: the record goes to a temp file beside the name, then is linked to it (a link fails if
+        the name exists). A kill between an ``O_EXCL`` create and its write left an empty claim, which reads as a
+        live owner until the lease runs out. Without hard links (some FUSE mounts): ``O_EXCL``, then the write."""
+        tmp = Path(path).parent / f".{uuid.uuid4().hex}.tmp"  # no unit number: cleaned up as a stray temp file
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:
+            return self._create_exclusive_in_place(path, data)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._leases[str(path)] = data
+        return True
+
+    def _create_exclusive_in_place(self, path: PurePath, data: bytes) -> bool:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
