@@ -16,9 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.finalize import CodecInfo
-
 from pipeline.layout import OutputLayout
-from pipeline.plan import Plan, load_plan
+from pipeline.plan import Plan, PlanMismatch, load_items, load_plan
 
 FINGERPRINT_KEY = b"pipeline.fingerprint"
 CODEC_KEY = b"pipeline.codec"
@@ -78,6 +77,7 @@ class Scan:
     durations: list[np.ndarray] = field(default_factory=list)
     rows: int = 0
     frames: int = 0
+    ids_by_unit: dict[int, set[str]] = field(default_factory=dict)  # item ids with rows, per unit
 
     def add(self, check: str, message: str) -> None:
         self.problems.append(Problem(check, message))
@@ -97,6 +97,7 @@ def scan_output(layout: OutputLayout) -> Scan:
     _check_schemas(scan.shards, scan.plan, scan)
     if scan.codec is not None:
         _check_rows(scan, markers)
+        _check_items(layout, scan, markers)
     _check_finalized(layout, scan)
     return scan
 
@@ -206,12 +207,37 @@ def _check_rows(scan: Scan, markers: dict[int, dict]) -> None:
         scan.add("duplicate", f"{len(duplicates)} duplicate (id, segment_index) rows, e.g. {duplicates[:_EXAMPLES]}")
 
 
+def _check_items(layout: OutputLayout, scan: Scan, markers: dict[int, dict]) -> None:
+    """Per committed unit, the items with rows plus those in its failure log are exactly the plan's items of that
+    unit: nothing planned is missing, nothing else (another job's audio) is there."""
+    plan = scan.plan
+    assert plan is not None
+    try:
+        items = load_items(layout, plan)
+    except (OSError, PlanMismatch) as e:
+        scan.add("items", f"the plan's item list cannot be checked: {e}")
+        return
+    for unit in sorted(markers):
+        planned = {items[i].id for i in plan.unit_range(unit)}
+        log = layout.failure_log(unit)
+        failed = ({json.loads(line)["item_id"] for line in layout.store.read_bytes(log).decode().splitlines()}
+                  if layout.store.exists(log) else set())
+        found = scan.ids_by_unit.get(unit, set()) | failed
+        missing, alien = sorted(planned - found), sorted(found - planned)
+        if missing or alien:
+            scan.add("items", f"unit {unit}: {len(missing)} planned items are neither rows nor failures (e.g. "
+                              f"{missing[:_EXAMPLES]}), {len(alien)} ids are not this unit's items (e.g. "
+                              f"{alien[:_EXAMPLES]})")
+
+
 def _check_shard_rows(ref: ShardRef, codec: CodecInfo, scan: Scan, seen: dict, duplicates: list) -> int:
     """Stream one shard; returns its total frames."""
     findings: dict[str, list[str]] = {}
     frames = 0
+    ids = scan.ids_by_unit.setdefault(ref.unit, set())
     for batch in ref.open().iter_batches(batch_size=1024, columns=_CHECK_COLUMNS):
         frames += _check_batch(batch, codec, scan, findings)
+        ids.update(batch.column("id").to_pylist())
         for key in zip(batch.column("id").to_pylist(), batch.column("segment_index").to_pylist()):
             if key in seen:
                 duplicates.append(f"{key} in {seen[key]} and {ref.path.name}")

@@ -80,6 +80,20 @@ def test_duplicated_row(damaged):
     assert any(table["id"][0].as_py() in str(p) for p in result.problems if p.check == "duplicate")
 
 
+def test_rows_of_another_item(damaged):
+    """A shard whose rows name an item the plan does not put in that unit (another job's audio written into this
+    folder, as a refused launch could once cause): the planned item is missing, the other is alien."""
+    shard = damaged / "data/train-00001-of-00003.parquet"
+    table = pq.read_table(shard)
+    first = table["id"][0].as_py()
+    ids = pa.array([f"elsewhere/{i}" if i == first else i for i in table["id"].to_pylist()], pa.string())
+    _rewrite(shard, table.set_column(table.schema.get_field_index("id"), table.schema.field("id"), ids))
+    result = verify(damaged, STRUCTURE_ONLY)
+    assert result.checks_failed() == {"items"}
+    message = next(str(p) for p in result.problems if p.check == "items")
+    assert "unit 1: 1 planned items" in message and first in message and f"elsewhere/{first}" in message
+
+
 def test_changed_fingerprint_metadata(damaged):
     shard = damaged / "data/train-00002-of-00003.parquet"
     table = pq.read_table(shard)
