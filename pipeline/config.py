@@ -312,11 +312,15 @@ def logs_dir(out_dir: str, scratch_dir: str | None = None) -> str:
     from pipeline.sources.storage import is_url
     from pipeline.stores import scratch_folder
 
-    if not is_url(out_dir):
-        return f"{out_dir}/.logs"
     if out_dir.startswith("file://"):
-        return f"{out_dir.removeprefix('file://')}/.logs"
-    return str(scratch_folder(out_dir, scratch_dir) / "logs")
+        out_dir = out_dir.removeprefix("file://")
+    elif is_url(out_dir):
+        return str(scratch_folder(out_dir, scratch_dir) / "logs")
+    try:  # Hydra makes this folder before the run: an output.dir that cannot be written must fail in the run,
+        Path(out_dir, ".logs").mkdir(parents=True, exist_ok=True)  # with one line, not in Hydra with a traceback
+    except OSError:
+        return str(scratch_folder(out_dir, scratch_dir) / "logs")
+    return f"{out_dir}/.logs"
 
 
 def _fixture_codec(variant: str) -> str:

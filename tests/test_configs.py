@@ -78,6 +78,15 @@ def test_missing_hub_weights_stop_before_any_work(tmp_path):
     assert not (tmp_path / "out" / ".state").exists() and not (tmp_path / "out" / "data").exists()
 
 
+def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path):
+    """An output.dir that cannot be created (here: a file in the way; a read-only mount is the same error) stops
+    the run with one line naming it, exit 2, instead of a traceback from Hydra making its log folder there."""
+    (tmp_path / "file").write_text("not a folder")
+    proc = _cli("debug=default", f"output.dir={tmp_path / 'file' / 'out'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "is not writable" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+
+
 def test_auto_settings_resolve_per_device():
     """``auto`` batch size and decode workers become numbers for the device; numbers pass through unchanged."""
     from pipeline.config import batch_audio_s, codec_threads, decode_workers, resolve_auto

@@ -83,7 +83,15 @@ class LocalStore:
         return str(path)
 
     def check_writable(self, root: PurePath) -> None:
-        """Nothing to check: POSIX gives ``O_EXCL`` and rename everywhere the pipeline runs."""
+        """POSIX gives ``O_EXCL``, links and rename everywhere the pipeline runs; what is left to check is that the
+        folder can be written at all (read-only mount, permissions, a file in the way), before any work, as one line."""
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            probe = Path(root) / f".write-probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"output.dir {root} is not writable: {type(e).__name__}: {e}") from e
 
     def exists(self, path: PurePath) -> bool:
         return Path(path).exists()
