@@ -1,6 +1,6 @@
 """Plan stage: the sorted item list cut into units, plus the fingerprint of everything that changes tokens.
 
-Written once to ``<out>/.state/plan.json`` (and the items to ``items.jsonl``); every later run of the same
+Written once to ``<out>/.state/plan.json`` (and the items to ``items-<hash>.jsonl``); every later run of the same
 output folder must agree with it, or it is refused.
 """
 
