@@ -11,6 +11,7 @@ of dead runs never block a new run for long, and a rerun on the same host takes 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,12 +19,14 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import PurePath
 
 import psutil
 
 from pipeline.layout import OutputLayout
-from pipeline.stores import Lease
+from pipeline.stores import Lease, OutputStore
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,27 @@ def judge(lease: Lease | None, lease_s: float) -> str:
         # Caught half-written by its creator: live unless it stays like this past the lease.
         return "stale" if lease.age_s > lease_s else "live"
     return "stale" if owner.is_dead_here() or lease.age_s > lease_s else "live"
+
+
+@contextlib.contextmanager
+def heartbeat(store: OutputStore, path: PurePath, record: bytes, lease_s: float) -> Iterator[None]:
+    """Keep one held lease (not a unit's: the finalize claim) fresh from a thread while the block runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(max(0.5, lease_s / 4)):
+            try:
+                store.refresh_lease(path, record)
+            except OSError as e:  # a network hiccup: the lease has room for a few missed beats
+                log.warning("heartbeat of %s failed: %s", path, e)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def claim_state(layout: OutputLayout, unit: int, lease_s: float) -> str:
@@ -163,10 +187,16 @@ class Claims:
         """Just before publishing a unit: True while this process still holds its claim (checked now, not at the
         last heartbeat) and no run has committed it. A run paused past its lease (a suspended laptop, a stopped
         process, a stalled filesystem) finds its claim taken over here and must not publish over the new owner's
-        work: a second attempt's failures (timeouts, crashes) need not be the first's."""
+        work: a second attempt's failures (timeouts, crashes) need not be the first's. (A unit committed by another
+        run had its claim taken over, or released: the refresh fails either way.) A store error counts as lost:
+        the unit stays open and is encoded again, by this run or another."""
         with self._lock:
-            self._refresh(unit)
-            return unit in self.held and not self.store.exists(self.layout.marker(unit))
+            try:
+                self._refresh(unit)
+            except OSError as e:
+                log.warning("cannot confirm the claim of unit %d (%s): not committing it", unit, e)
+                self.held.discard(unit)
+            return unit in self.held
 
     def close(self, release: bool = True) -> None:
         """Stop the heartbeat; by default release every claim so a rerun can take the units at once."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import platform
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -18,6 +19,8 @@ from pipeline.config import RunConfig
 from pipeline.layout import OutputLayout
 from pipeline.stores import json_bytes
 from pipeline.types import AudioItem
+
+log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 
@@ -123,12 +126,21 @@ def fingerprint_of(detail: dict[str, Any]) -> str:
     return _digest(_without_codec_keys(detail, _PROVENANCE))
 
 
-def _planned_by_path(old: Plan, detail: dict[str, Any]) -> bool:
-    """An older plan, which identified the codec by its path and had no weights hash, that this run matches under
-    that rule: it resumes as before (its weights cannot be checked), rather than being refused as another job."""
-    if "weights_sha256" in old.fingerprint_detail.get("codec", {}):
-        return False
-    return old.fingerprint == _digest(_without_codec_keys(detail, ("weights_sha256",)))
+def _planned_by_older_rules(old: Plan, detail: dict[str, Any]) -> bool:
+    """A plan written by an older version, that this run matches under that version's rules: it resumes as before
+    (what those rules left out cannot be checked) rather than being refused as another job. Older plans may lack
+    the ``rows`` group (row settings were not in the fingerprint) and the weights hash (the codec was identified
+    by its path)."""
+    rows = {} if "rows" in old.fingerprint_detail else detail.get("rows", {})
+    detail = {k: v for k, v in detail.items() if k != "rows"} if rows else detail
+    if "weights_sha256" not in old.fingerprint_detail.get("codec", {}):
+        matched = old.fingerprint == _digest(_without_codec_keys(detail, ("weights_sha256",)))
+    else:
+        matched = old.fingerprint == fingerprint_of(detail)
+    if matched and rows:
+        log.warning("this folder was planned before row settings were part of the job: %s cannot be checked "
+                    "against the rows already written", ", ".join(f"dataset.{k}" for k in sorted(rows)))
+    return matched
 
 
 def _without_codec_keys(detail: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -179,7 +191,9 @@ def save_plan(layout: OutputLayout, plan: Plan, items: list[AudioItem]) -> bool:
 
 
 def save_items(layout: OutputLayout, plan: Plan, items: list[AudioItem]) -> None:
-    """The item list under its hash, unless there already (same hash, same list)."""
+    """The item list under its hash, unless there already (same hash, same list: a resume does not write it)."""
+    if layout.store.exists(layout.items_of(plan.items_hash)):
+        return
     lines = "".join(json.dumps(asdict(it), ensure_ascii=False, default=str) + "\n" for it in items)
     layout.store.create_atomic(layout.items_of(plan.items_hash), lines.encode(), layout.tmp)
 
@@ -204,7 +218,7 @@ def check_same_job(old: Plan, new: Plan, out_dir: Path | str) -> None:
         diffs.append(f"input list: {old.n_items} items (hash {old.items_hash}) -> {new.n_items} (hash {new.items_hash})")
     if old.unit_size != new.unit_size:
         diffs.append(f"output.unit_size: {old.unit_size} -> {new.unit_size}")
-    if old.fingerprint != new.fingerprint and not _planned_by_path(old, new.fingerprint_detail):
+    if old.fingerprint != new.fingerprint and not _planned_by_older_rules(old, new.fingerprint_detail):
         diffs += [f"{k}: {a} -> {b}" for k, a, b in _dict_diff(old.fingerprint_detail, new.fingerprint_detail)]
     if diffs:
         raise PlanMismatch(
@@ -234,9 +248,9 @@ def wipe(layout: OutputLayout) -> None:
     """``output.mode=overwrite``: remove the folders this pipeline owns (``data/`` whole, foreign files in it
     included, since loaders read every file there; ``failures/``, ``.state/``, and ``verify/``, whose report would
     describe the old job) and its files at the top (``README.md``, ``stats.json``). Anything else stays."""
-    # The state first: a wipe cut short then leaves shards without markers (redone and overwritten by the next run),
-    # never markers whose shards are gone.
-    for path in (layout.state, layout.data, layout.failures, layout.root / "verify"):
+    # The done markers first, the plan last: a wipe cut short leaves the plan with shards but no markers, which the
+    # next run of the same job redoes and overwrites; never markers whose shards are gone, nor shards with no plan.
+    for path in (layout.done, layout.data, layout.failures, layout.root / "verify", layout.state):
         layout.store.delete_tree(path)
     for name in ("README.md", "stats.json"):
         layout.store.delete(layout.root / name)

@@ -11,7 +11,7 @@ from pathlib import Path, PurePath
 from typing import Any, Callable
 
 from pipeline.config import RunConfig, logs_dir
-from pipeline.claims import Owner, claim_state, judge
+from pipeline.claims import Owner, claim_state, heartbeat, judge
 from pipeline.finalize import CodecInfo, finalize
 from pipeline.layout import OutputLayout
 from pipeline.plan import (Plan, build_plan, check_detail, check_same_job, device_kind, fingerprint_detail,
@@ -40,32 +40,37 @@ class Job:
     def finished(self) -> bool:
         return self.layout.done_units() >= set(range(self.plan.n_units))
 
-    def finalize_if_done(self) -> dict[str, Any] | None:
-        """Merge stats and write the card once every unit is done. The first rank to claim it does it; the others
-        wait until its claim says done, and take over if its owner died, so that every run that exits 0 leaves a
-        finalized folder (a finalizer killed mid-way left the others exiting 0 with no stats or card)."""
-        if not self.finished or not self._claim_finalize():
+    def finalize_if_done(self, stopping: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
+        """Merge stats and write the card once every unit is done. The first rank to claim it does it, keeping its
+        claim fresh; the others wait until the claim says done, and take over if its owner died, so that every
+        run that exits 0 leaves a finalized folder (a finalizer killed mid-way left the others exiting 0 with no
+        stats or card). ``stopping``: a stop signal arrived (the wait ends, nothing is finalized)."""
+        record = json_bytes(asdict(Owner.me()))
+        if not self.finished or not self._claim_finalize(record, stopping):
             return None
         marker = json.loads(self.layout.store.read_bytes(self.layout.marker(0)))
-        stats = finalize(self.layout, self.plan, CodecInfo(**marker["codec"]))
-        self.layout.store.write_atomic(self.layout.finalize_claim, json_bytes({"done": True}), self.layout.tmp)
+        with heartbeat(self.layout.store, self.layout.finalize_claim, record, self.cfg.claim_lease_s):
+            stats = finalize(self.layout, self.plan, CodecInfo(**marker["codec"]))
+        self.layout.store.write_atomic(self.layout.finalize_claim, _FINALIZED, self.layout.tmp)
         return stats
 
-    def _claim_finalize(self) -> bool:
+    def _claim_finalize(self, record: bytes, stopping: Callable[[], bool]) -> bool:
         """True when this run is to finalize; False once another run has (waits while one is at it)."""
         store, claim = self.layout.store, self.layout.finalize_claim
-        record = json_bytes(asdict(Owner.me()))
         while not store.create_exclusive(claim, record):
             lease = store.read_lease(claim)
             if lease is None:
                 continue  # released between our create and our read: try again
-            if lease.data == json_bytes({"done": True}):
+            if lease.data == _FINALIZED or stopping():
                 return False
             if judge(lease, self.cfg.claim_lease_s) == "stale" and store.take_over(claim, record, lease):
-                log.warning("the run finalizing this folder is gone; finalizing it here")
+                log.warning("the run finalizing this folder stopped before it was done; finalizing it here")
                 return True
             time.sleep(1.0)
         return True
+
+
+_FINALIZED = json_bytes({"done": True})  # what the finalize claim says once finalize has run
 
 
 def output_layout(cfg: RunConfig) -> OutputLayout:
@@ -122,6 +127,8 @@ def _plan_on_main(cfg: RunConfig, layout: OutputLayout, source: Source, detail: 
         raise ValueError(f"no audio items found in {source.describe()}; check dataset.path and dataset.extensions")
     new = build_plan(items, cfg, detail, source.describe())
     old = load_plan(layout)
+    if old is None:
+        _refuse_shards_without_plan(layout)
     if old is None and save_plan(layout, new, items):
         log.info("planned %d items in %d units -> %s", new.n_items, new.n_units, layout.url)
         return new, items
@@ -133,13 +140,23 @@ def _plan_on_main(cfg: RunConfig, layout: OutputLayout, source: Source, detail: 
     # A new run finalizes again (stats may change with retry_failed; a crash may have cut the last finalize).
     layout.store.delete(layout.finalize_claim)
     drop_stale_stashes(layout)
+    _reopen_units_without_shards(layout, old.n_units)  # before retry_failed, which stashes the shards it reopens
     if cfg.output.retry_failed:
         reopened = reopen_failed_units(layout, old.n_units)
         log.info("retry_failed: %d unit(s) reopened for their failed items only", len(reopened))
-    _reopen_units_without_shards(layout, old.n_units)
     _clean_uncommitted(layout, cfg.claim_lease_s)
     log.info("resuming: %d of %d units done", len(layout.done_units()), old.n_units)
     return old, items
+
+
+def _refuse_shards_without_plan(layout: OutputLayout) -> None:
+    """Shards in ``data/`` and no plan: an overwrite cut short before it deleted them, or another dataset's files.
+    A new plan would add its shards beside them, and loaders read every file there."""
+    shards = [name for name in layout.store.list_names(layout.data) if name.endswith(".parquet")]
+    if shards:
+        raise ValueError(f"output.dir {layout.url} holds {len(shards)} Parquet files in data/ but no plan "
+                         "(.state/plan.json): an output.mode=overwrite that was cut short, or files that are not "
+                         "this pipeline's. Pass output.mode=overwrite to delete them, or use a new output.dir")
 
 
 def _reopen_units_without_shards(layout: OutputLayout, n_units: int) -> None:

@@ -175,6 +175,11 @@ class Runner:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
+    @property
+    def stop_signal(self) -> int | None:
+        """The stop signal received (they stay installed until the process ends), or None."""
+        return self._stop_signal
+
     def _on_signal(self, signum, _frame) -> None:
         log.warning("signal %s: stopping after the current batch; uncommitted units are redone on rerun", signum)
         self._stop_signal = signum

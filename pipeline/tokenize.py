@@ -122,7 +122,10 @@ def run(cfg: RunConfig) -> int:
     if rank_stats.stopped_by_signal is not None:
         log.warning("stopped by signal %d; run the same command again to finish", rank_stats.stopped_by_signal)
         return 128 + rank_stats.stopped_by_signal
-    stats = job.finalize_if_done()
+    stats = job.finalize_if_done(stopping=lambda: runner.stop_signal is not None)
+    if runner.stop_signal is not None:  # arrived while waiting for another run to finalize
+        log.warning("stopped by signal %d; run the same command again to finish", runner.stop_signal)
+        return 128 + runner.stop_signal
     clock.mark("finalize")
     rank_stats.phases = clock.phases
     if stats is not None or ranks.is_main:

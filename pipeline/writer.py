@@ -115,16 +115,18 @@ class UnitWriter:
                      marker_extra: dict[str, Any], still_mine: Callable[[], bool] = lambda: True) -> bool:
         """The commit protocol for a ready table: shard, then failure log, then the marker, last.
 
-        ``still_mine`` (the unit's claim, ``Claims.confirm``) is asked before the shard and again before the marker;
-        False stops the commit there (returns False): another run owns the unit now, and what this one published
-        before it lost the claim is overwritten by that run's commit. The marker is created only if absent.
+        ``still_mine`` (the unit's claim, ``Claims.confirm``) is asked once the shard is staged, right before it is
+        published, and again before the marker; False stops the commit there (returns False): another run owns the
+        unit now, and what this one published before it lost the claim is overwritten by that run's commit. The
+        marker is created only if absent.
         """
-        if not still_mine():
+        if not self._write_shard(unit, table, still_mine):
             return False
-        self._write_shard(unit, table)
         fault_point("after_rename")
         self._write_failures(unit, failures)
         if not still_mine():
+            log.warning("lost the claim of unit %d after publishing its shard: the new owner's commit replaces it",
+                        unit)
             return False
         marker = {"unit": unit, "counts": asdict(counts), **marker_extra}
         if not self.layout.store.create_atomic(self.layout.marker(unit), json_bytes(marker), self.layout.tmp):
@@ -144,7 +146,7 @@ class UnitWriter:
         columns["scales"] = pa.array([r.scales for r in rows], pa.list_(pa.float32()))
         return pa.Table.from_pydict(columns, schema=self.schema)
 
-    def _write_shard(self, unit: int, table: pa.Table) -> None:
+    def _write_shard(self, unit: int, table: pa.Table, still_mine: Callable[[], bool]) -> bool:
         final = self.layout.shard(unit, self.n_units)
         fd, tmp = tempfile.mkstemp(dir=self.layout.tmp, prefix=f"unit-{unit:05d}.", suffix=".parquet")
         os.fchmod(fd, FILE_MODE)
@@ -160,10 +162,14 @@ class UnitWriter:
                 # `datasets` takes a row group's length as its batch size ("BatchSize must be greater than 0").
                 pq.ParquetWriter(tmp, table.schema, **options).close()
             fault_point("before_rename")
+            if not still_mine():
+                Path(tmp).unlink(missing_ok=True)
+                return False
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         self.layout.store.publish(Path(tmp), final)  # fsync + rename, or one upload; consumes tmp either way
+        return True
 
     def _write_failures(self, unit: int, failures: list[Failure]) -> None:
         path = self.layout.failure_log(unit)

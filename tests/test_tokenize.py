@@ -419,3 +419,63 @@ def test_finalize_waits_for_a_live_finalizer_and_takes_over_a_dead_ones(corpus, 
         stats = job.finalize_if_done()
         assert stats is not None and (out / "stats.json").exists() and (out / "README.md").exists(), leftover
         assert json.loads(claim.read_text()) == {"done": True}
+
+    # A live finalizer (this very process): a run waiting for it stops on a signal, without finalizing.
+    from pipeline.claims import Owner
+
+    (out / "stats.json").unlink()
+    claim.write_text(json.dumps(Owner.me().__dict__))
+    assert job.finalize_if_done(stopping=lambda: True) is None and not (out / "stats.json").exists()
+
+
+def test_a_folder_planned_before_row_settings_resumes_with_them(corpus, tmp_path, tiny_codec_dir):
+    """A folder an older version planned with ``dataset.rename`` (no ``rows`` group in its plan) resumes under the
+    same command, rather than being refused for the group it could not record."""
+    from pipeline.plan import fingerprint_of
+
+    out = tmp_path / "out"
+    renamed = base_overrides(corpus, out, tiny_codec_dir, "dataset.rename={title: description}")
+    assert run(compose(renamed)) == 0
+    _reopen_last_unit(out)
+    plan_path = out / ".state" / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    del plan["fingerprint_detail"]["rows"]
+    plan["fingerprint"] = fingerprint_of(plan["fingerprint_detail"])
+    plan_path.write_text(json.dumps(plan))
+    for marker in (out / ".state" / "done").glob("unit-*.json"):
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": plan["fingerprint"]}))
+    assert run(compose(renamed)) == 0
+    assert json.loads((out / "stats.json").read_text())["fingerprint"] == plan["fingerprint"]
+
+
+def test_lost_shards_with_retry_failed_and_shards_without_a_plan(corpus, tmp_path, tiny_codec_dir):
+    """A missing shard is redone under ``retry_failed`` too (it crashed stashing the shard); shards with no plan
+    (an overwrite cut short after it deleted the state) are refused rather than mixed with a new job's."""
+    import shutil
+
+    out = tmp_path / "out"
+    args = base_overrides(corpus, out, tiny_codec_dir)
+    assert run(compose(args)) == 0
+    sorted((out / "data").glob("*.parquet"))[0].unlink()
+    assert run(compose([*args, "output.retry_failed=true"])) == 0
+    assert json.loads((out / "stats.json").read_text())["rows"] == len(read_rows(out))
+
+    shutil.rmtree(out / ".state")
+    with pytest.raises(ValueError, match="no plan"):
+        run(compose([*args, "output.unit_size=2"]))
+    assert run(compose([*args, "output.unit_size=2", "output.mode=overwrite"])) == 0
+
+
+def test_a_finalizer_keeps_its_claim_fresh(tmp_path):
+    """The finalize claim is kept fresh while its owner works (a slow finalize of 10k units on S3 outlasts the
+    lease: the other runs took it over and finalized too)."""
+    import time
+
+    from pipeline.claims import heartbeat
+    from pipeline.stores.local import LocalStore
+
+    store, claim = LocalStore(), tmp_path / "finalize.claim"
+    assert store.create_exclusive(claim, b"me")
+    with heartbeat(store, claim, b"me", lease_s=1.0):
+        time.sleep(2.5)
+        assert store.read_lease(claim).age_s < 1.0

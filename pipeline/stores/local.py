@@ -159,6 +159,8 @@ class LocalStore:
         """Whole or absent: the record goes to a temp file beside the name, then is linked to it (a link fails if
         the name exists). A kill between an ``O_EXCL`` create and its write left an empty claim, which reads as a
         live owner until the lease runs out. Without hard links (some FUSE mounts): ``O_EXCL``, then the write."""
+        if Path(path).exists():  # the common contended case, without a temp file (metadata ops are dear on NFS)
+            return False
         tmp = Path(path).parent / f".{uuid.uuid4().hex}.tmp"  # no unit number: cleaned up as a stray temp file
         tmp.write_bytes(data)
         try:
