@@ -48,7 +48,8 @@ class DatasetConfig:
     metadata_columns: list[str] | None = None
     # Rename metadata fields (any source, sidecars included) before they become row columns, e.g. an HF dataset's
     # caption as MusicGen's text: dataset.rename='{caption: description}'. A mapped field replaces the row's own.
-    # Not in the fingerprint (it changes no token). A dict, typed Any for Hydra (as storage_options).
+    # It changes no token, but is part of the job when set (plan.row_settings): a resume cannot mix column layouts.
+    # A dict, typed Any for Hydra (as storage_options).
     rename: Any = None
     # Process only the first N items of the sorted list (debugging); None = all.
     limit: int | None = None

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config import DatasetConfig, RunConfig
 from pipeline.layout import OutputLayout
 from pipeline.stores import json_bytes
 from pipeline.types import AudioItem
@@ -109,11 +109,13 @@ def row_settings(cfg: RunConfig) -> dict[str, Any]:
     """What shapes a row's columns besides its tokens: a resume with other values would mix, say, rows whose
     caption is ``description`` with rows where it is ``metadata.caption``. Only values off their defaults, so the
     fingerprint of a folder planned before these were in it is unchanged."""
-    d = cfg.dataset
-    settings = {"rename": dict(d.rename) if d.rename else None, "sidecar_json": d.sidecar_json,
-                "metadata_columns": list(d.metadata_columns) if d.metadata_columns is not None else None}
-    defaults = {"rename": None, "sidecar_json": True, "metadata_columns": None}
-    return {k: v for k, v in settings.items() if v != defaults[k]}
+    settings = {name: getattr(cfg.dataset, name) for name in _ROW_SETTINGS}
+    settings["rename"] = settings["rename"] or None  # an empty mapping renames nothing, as no mapping
+    default = DatasetConfig()
+    return {name: value for name, value in settings.items() if value != getattr(default, name)}
+
+
+_ROW_SETTINGS = ("rename", "sidecar_json", "metadata_columns")  # dataset.* fields that shape rows
 
 
 # Where the weights were loaded from is provenance, not identity: the fingerprint takes the weights' own hash

@@ -119,11 +119,10 @@ def run(cfg: RunConfig) -> int:
         runner.progress.close()
         runner.claims.close(release=True)
     clock.mark("loop")
-    if rank_stats.stopped_by_signal is not None:
-        log.warning("stopped by signal %d; run the same command again to finish", rank_stats.stopped_by_signal)
-        return 128 + rank_stats.stopped_by_signal
-    stats = job.finalize_if_done(stopping=lambda: runner.stop_signal is not None)
-    if runner.stop_signal is not None:  # arrived while waiting for another run to finalize
+    # A stop signal ends the run here, whether it came during the loop or while waiting for another run to finalize.
+    stats = None if runner.stop_signal is not None else job.finalize_if_done(
+        stopping=lambda: runner.stop_signal is not None)
+    if runner.stop_signal is not None:
         log.warning("stopped by signal %d; run the same command again to finish", runner.stop_signal)
         return 128 + runner.stop_signal
     clock.mark("finalize")

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from pipeline.finalize import CodecInfo
 from pipeline.layout import OutputLayout
 from pipeline.plan import Plan, PlanMismatch, load_items, load_plan
+from pipeline.retry import read_failures
 
 FINGERPRINT_KEY = b"pipeline.fingerprint"
 CODEC_KEY = b"pipeline.codec"
@@ -219,9 +220,7 @@ def _check_items(layout: OutputLayout, scan: Scan, markers: dict[int, dict]) -> 
         return
     for unit in sorted(markers):
         planned = {items[i].id for i in plan.unit_range(unit)}
-        log = layout.failure_log(unit)
-        failed = ({json.loads(line)["item_id"] for line in layout.store.read_bytes(log).decode().splitlines()}
-                  if layout.store.exists(log) else set())
+        failed = {f.item_id for f in read_failures(layout, layout.failure_log(unit))}
         found = scan.ids_by_unit.get(unit, set()) | failed
         missing, alien = sorted(planned - found), sorted(found - planned)
         if missing or alien:
@@ -237,8 +236,9 @@ def _check_shard_rows(ref: ShardRef, codec: CodecInfo, scan: Scan, seen: dict, d
     ids = scan.ids_by_unit.setdefault(ref.unit, set())
     for batch in ref.open().iter_batches(batch_size=1024, columns=_CHECK_COLUMNS):
         frames += _check_batch(batch, codec, scan, findings)
-        ids.update(batch.column("id").to_pylist())
-        for key in zip(batch.column("id").to_pylist(), batch.column("segment_index").to_pylist()):
+        batch_ids = batch.column("id").to_pylist()
+        ids.update(batch_ids)
+        for key in zip(batch_ids, batch.column("segment_index").to_pylist()):
             if key in seen:
                 duplicates.append(f"{key} in {seen[key]} and {ref.path.name}")
             seen[key] = ref.path.name
