@@ -33,6 +33,9 @@ class DatasetConfig:
     )
     # folder/manifest: read audiocraft-style sidecar metadata (song.flac + song.json) into row columns.
     sidecar_json: bool = True
+    # folder/manifest: a sidecar larger than this (bytes) fails its item (read:bad_sidecar); at most this + 1
+    # bytes are read, and devices/FIFOs are refused (a sidecar linked to /dev/zero was read without end).
+    sidecar_max_bytes: int = 1048576
     follow_symlinks: bool = True
     # manifest: relative paths resolve against this (default: the manifest's folder).
     root: str | None = None

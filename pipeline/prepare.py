@@ -239,7 +239,8 @@ def build_stages(cfg: RunConfig, job: Job, ranks, codec):
     # run() checked the channel policy against the codec (encode.check_channels) before anything was written.
     info = codec_info(cfg.codec.pretrained, cfg.codec.family, codec, cfg.channels)
     segments = SegmentPolicy.from_config(cfg.segment, codec.sample_rate)
-    spec = DecodeSpec(job.source, codec.sample_rate, cfg.channels, cfg.decode.resample_quality, segments)
+    spec = DecodeSpec(job.source, codec.sample_rate, cfg.channels, cfg.decode.resample_quality, segments,
+                      dict(cfg.dataset.rename or {}) or None)
     file_meta = {"pipeline.fingerprint": job.plan.fingerprint,
                  "pipeline.fingerprint_detail": json.dumps(job.plan.fingerprint_detail, sort_keys=True),
                  "pipeline.codec": json.dumps(info.__dict__), "pipeline.codec_model": json.dumps(codec.fingerprint(), default=str)}

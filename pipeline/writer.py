@@ -23,16 +23,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.layout import FILE_MODE, OutputLayout
+from pipeline.metadata import FLOAT_FIELDS, LIST_FIELDS, STRING_FIELDS, row_metadata
 from pipeline.stores import json_bytes
 from pipeline.types import EncodedSegment, Failure
 
 log = logging.getLogger(__name__)
 
-# MusicGen / audiocraft ``MusicInfo`` fields get typed columns of their own; every other metadata field goes into
-# the ``metadata`` JSON column, so every shard has the same schema whatever its items carried.
-STRING_FIELDS = ("title", "artist", "description", "genre", "key", "instrument", "name")
-LIST_FIELDS = ("moods", "keywords")
-FLOAT_FIELDS = ("bpm",)
 
 
 # Bumped whenever the columns change (2: ``scales``); part of the fingerprint, so a folder is never resumed into
@@ -198,10 +194,8 @@ def fault_point(name: str) -> None:
 
 
 def _row(r: EncodedSegment, rename: dict[str, str] | None = None) -> dict[str, Any]:
-    meta = dict(r.item.metadata)
-    for old, new in (rename or {}).items():
-        if old in meta:
-            meta[new] = meta.pop(old)
+    """One output row; its metadata columns come from ``pipeline.metadata``, which the decode workers already ran
+    on the item, so a value no column holds failed that item there, never this thread."""
     row: dict[str, Any] = {
         "id": r.item.id,
         "source": r.item.source,
@@ -214,34 +208,8 @@ def _row(r: EncodedSegment, rename: dict[str, str] | None = None) -> dict[str, A
         "source_sample_rate": r.source_sample_rate,
         "source_channels": r.source_channels,
     }
-    for name in STRING_FIELDS:
-        value = meta.pop(name, None)
-        row[name] = None if value is None else str(value)
-    for name in FLOAT_FIELDS:
-        value = meta.pop(name, None)
-        row[name] = _to_float(value)
-        if row[name] is None and value not in (None, ""):
-            meta[name] = value  # not a number (bpm "fast"): kept as given in ``metadata``, never lost
-    for name in LIST_FIELDS:
-        row[name] = _to_list(meta.pop(name, None))
-    row["metadata"] = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str) if meta else None
+    row.update(row_metadata(r.item.metadata, rename))
     return row
-
-
-def _to_float(value: Any) -> float | None:
-    try:
-        return None if value is None or value == "" else float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _to_list(value: Any) -> list[str] | None:
-    """audiocraft stores moods/keywords as a list or a comma-separated string; normalise to a list."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [str(v) for v in value]
 
 
 def codes_array(codes: list[np.ndarray]) -> pa.Array:

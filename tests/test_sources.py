@@ -153,6 +153,25 @@ def test_manifest_jsonl_gz_every_line_is_an_item(tmp_path):
     assert "JSON list" in messages[9] and str(manifest) in messages[5]
 
 
+def test_manifest_line_with_a_surrogate_fails_alone_naming_the_line(tmp_path):
+    """``json.dumps`` writes a non-UTF-8 file name as a lone surrogate escape (``caf\\udce9.wav``): such a line
+    stopped planning ('utf-8' codec can't encode). It fails on its own, named, like any malformed line; the
+    other lines are items, and every listed id and source can be stored (the item list is UTF-8)."""
+    _write(tmp_path / "good.wav")
+    lines = [json.dumps({"path": "good.wav"}), json.dumps({"path": "caf\udce9.wav"}),
+             json.dumps({"path": "good.wav", "title": "t\ud800"}, ensure_ascii=True)]
+    manifest = tmp_path / "data.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    source = ManifestSource(str(manifest))
+    items = {it.id: it for it in source.list_items()}
+    assert set(items) == {"good.wav", "data.jsonl#L2", "data.jsonl#L3"}
+    for it in items.values():
+        json.dumps([it.id, it.source, it.metadata], ensure_ascii=False).encode("utf-8")
+    for number, field in ((2, "path"), (3, "title")):
+        with pytest.raises(ManifestError, match=rf"line {number}: field '{field}' is not valid Unicode"):
+            source.fetch(items[f"data.jsonl#L{number}"])
+
+
 def test_manifest_csv_columns_root_and_bad_rows(tmp_path):
     for name in ("x.wav", "y.wav"):
         _write(tmp_path / "elsewhere" / name)

@@ -35,11 +35,15 @@ def build_source(cfg: DatasetConfig) -> Source:
     if cfg.storage_options is not None and not isinstance(cfg.storage_options, dict):
         raise ValueError(f"dataset.storage_options must be a dict of fsspec options, got {cfg.storage_options!r}")
     options = dict(cfg.storage_options or {})
+    if not isinstance(cfg.sidecar_max_bytes, int) or cfg.sidecar_max_bytes < 1:
+        raise ValueError(f"dataset.sidecar_max_bytes must be a positive number of bytes, got {cfg.sidecar_max_bytes!r}")
     module, cls = KINDS[cfg.kind]
     source_cls = getattr(importlib.import_module(f"pipeline.sources.{module}"), cls)
     if cfg.kind == "folder":
-        return source_cls(cfg.path, cfg.extensions, cfg.sidecar_json, cfg.follow_symlinks, options)
+        return source_cls(cfg.path, cfg.extensions, cfg.sidecar_json, cfg.follow_symlinks, options,
+                          cfg.sidecar_max_bytes)
     if cfg.kind == "manifest":
-        return source_cls(cfg.path, cfg.root, cfg.path_column, cfg.id_column, cfg.sidecar_json, options)
+        return source_cls(cfg.path, cfg.root, cfg.path_column, cfg.id_column, cfg.sidecar_json, options,
+                          cfg.sidecar_max_bytes)
     return source_cls(cfg.path, cfg.name, cfg.split, cfg.streaming, cfg.audio_column, cfg.id_column,
                       cfg.metadata_columns, options)

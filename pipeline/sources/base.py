@@ -32,11 +32,13 @@ class FetchedAudio:
         data: a local path, or the encoded file's bytes (HF Audio columns, remote objects).
         name: how the item is named in error messages (path or URL).
         metadata: fields learned only at fetch time (e.g. a sidecar JSON), merged over the item's metadata.
+        metadata_from: where ``metadata`` was read (the sidecar's path), for failure messages; None if nowhere.
     """
 
     data: str | bytes
     name: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    metadata_from: str | None = None
 
 
 class Source(abc.ABC):

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from pipeline.sources.base import FetchedAudio, Source, number_items
-from pipeline.sources.storage import filesystem, is_url, read_bytes, read_sidecar
+from pipeline.sources.storage import SIDECAR_MAX_BYTES, filesystem, is_url, read_bytes, read_sidecar, sidecar_path
 from pipeline.types import AudioItem
 
 # Set on items whose file name is not valid UTF-8: such a name cannot be stored in the plan or the Parquet
@@ -32,10 +32,11 @@ class FolderSource(Source):
         sidecar_json: read ``song.json`` next to ``song.flac`` (audiocraft's convention) as metadata.
         follow_symlinks: descend into linked directories.
         storage_options: fsspec options for a URL root (credentials, endpoint).
+        sidecar_max_bytes: larger sidecars fail their item (``read:bad_sidecar``).
     """
 
     def __init__(self, root: str, extensions: list[str], sidecar_json: bool = True, follow_symlinks: bool = True,
-                 storage_options: dict[str, Any] | None = None):
+                 storage_options: dict[str, Any] | None = None, sidecar_max_bytes: int = SIDECAR_MAX_BYTES):
         self.remote = is_url(root)
         self.root = root.rstrip("/") if self.remote else os.path.abspath(os.path.expanduser(root))
         if not self.remote and not os.path.isdir(self.root):
@@ -43,7 +44,7 @@ class FolderSource(Source):
         self.extensions = {e.lower().lstrip(".") for e in extensions}
         if not self.extensions:
             raise ValueError("dataset.extensions is empty; list the audio file endings to take, e.g. [wav, flac]")
-        self.sidecar_json = sidecar_json
+        self.sidecar_json, self.sidecar_max_bytes = sidecar_json, sidecar_max_bytes
         self.follow_symlinks = follow_symlinks
         self.storage_options = dict(storage_options or {})
 
@@ -103,9 +104,10 @@ class FolderSource(Source):
     def fetch(self, item: AudioItem) -> FetchedAudio:
         if BAD_NAME_KEY in item.metadata:
             raise ValueError(item.metadata[BAD_NAME_KEY])
-        meta = read_sidecar(item.source, self.storage_options) if self.sidecar_json else {}
+        meta = read_sidecar(item.source, self.storage_options, self.sidecar_max_bytes) if self.sidecar_json else {}
         data = read_bytes(item.source, self.storage_options) if self.remote else item.source
-        return FetchedAudio(data=data, name=item.source, metadata=meta)
+        return FetchedAudio(data=data, name=item.source, metadata=meta,
+                            metadata_from=sidecar_path(item.source) if meta else None)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "folder", "root": self.root, "extensions": sorted(self.extensions)}

@@ -18,9 +18,10 @@ from typing import IO, Any, Iterator
 
 import fsspec
 
+from pipeline.metadata import MetadataError, check_unicode
 from pipeline.sources.base import ERROR_KEY, BrokenItem, FetchedAudio, Source, check_broken, number_items
-from pipeline.sources.storage import (COMPRESSION_SUFFIXES, dirname, is_url, join, read_bytes, read_sidecar,
-                                      relative_to)
+from pipeline.sources.storage import (COMPRESSION_SUFFIXES, SIDECAR_MAX_BYTES, dirname, is_url, join, read_bytes,
+                                      read_sidecar, relative_to, sidecar_path)
 from pipeline.types import AudioItem
 
 # Fields that are not passed through as metadata: ``duration`` becomes ``AudioItem.duration_s``; audiocraft's
@@ -58,10 +59,12 @@ class ManifestSource(Source):
             it is not under ``root``).
         sidecar_json: also read ``song.json`` beside each audio file, as audiocraft's MusicDataset does.
         storage_options: fsspec options for URLs (manifest or audio).
+        sidecar_max_bytes: larger sidecars fail their item (``read:bad_sidecar``).
     """
 
     def __init__(self, path: str, root: str | None = None, path_column: str = "path", id_column: str | None = None,
-                 sidecar_json: bool = True, storage_options: dict[str, Any] | None = None):
+                 sidecar_json: bool = True, storage_options: dict[str, Any] | None = None,
+                 sidecar_max_bytes: int = SIDECAR_MAX_BYTES):
         self.path = path if is_url(path) else os.path.abspath(os.path.expanduser(path))
         if not is_url(path) and not os.path.isfile(self.path):
             raise ValueError(f"dataset.path {path!r} is not a file; dataset=manifest expects a .jsonl(.gz) or .csv")
@@ -69,7 +72,7 @@ class ManifestSource(Source):
         root = root if root is not None else dirname(self.path)
         self.root = root.rstrip("/") if is_url(root) else os.path.abspath(os.path.expanduser(root))
         self.path_column, self.id_column = path_column, id_column
-        self.sidecar_json = sidecar_json
+        self.sidecar_json, self.sidecar_max_bytes = sidecar_json, sidecar_max_bytes
         self.storage_options = dict(storage_options or {})
 
     def list_items(self) -> list[AudioItem]:
@@ -134,9 +137,10 @@ class ManifestSource(Source):
 
     def fetch(self, item: AudioItem) -> FetchedAudio:
         check_broken(item, ManifestError)
-        meta = read_sidecar(item.source, self.storage_options) if self.sidecar_json else {}
+        meta = read_sidecar(item.source, self.storage_options, self.sidecar_max_bytes) if self.sidecar_json else {}
         data = read_bytes(item.source, self.storage_options) if is_url(item.source) else item.source
-        return FetchedAudio(data=data, name=item.source, metadata=meta)
+        return FetchedAudio(data=data, name=item.source, metadata=meta,
+                            metadata_from=sidecar_path(item.source) if meta else None)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "manifest", "path": self.path, "root": self.root, "format": self.format,
@@ -167,6 +171,15 @@ def _json_lines(f: IO[bytes]) -> Iterator[_Line]:
             continue
         if not isinstance(record, dict):
             yield _Line(number, None, f"holds a JSON {type(record).__name__}, expected an object")
+            continue
+        try:
+            # A lone surrogate (``json.dumps`` of a non-UTF-8 file name writes one) cannot be stored in the item
+            # list or a row: it stopped planning. The line fails alone instead.
+            for key, value in record.items():
+                check_unicode(key, key)
+                check_unicode(value, key)
+        except MetadataError as e:
+            yield _Line(number, None, str(e))
             continue
         yield _Line(number, record)
 

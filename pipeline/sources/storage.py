@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import stat
 from typing import Any
 
 import fsspec
@@ -66,21 +67,86 @@ def relative_to(path: str, root: str) -> str | None:
     return None if rel == ".." or rel.startswith(".." + os.sep) else rel.replace(os.sep, "/")
 
 
-def read_sidecar(audio_path: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    """audiocraft's metadata convention: ``song.json`` beside ``song.flac``; {} when there is none.
+# ``dataset.sidecar_max_bytes``'s default. audiocraft's sidecars are a few hundred bytes; 1 MiB leaves room for
+# long descriptions and lyrics, and bounds what a bad file costs: a sidecar linked to /dev/zero was read until
+# memory ran out (5.4 GB), and every byte of a sidecar is carried by each of its item's rows.
+SIDECAR_MAX_BYTES = 1 << 20
+
+
+class SidecarError(ValueError):
+    """A sidecar that exists but cannot be metadata (too large, not a regular file, not a JSON object)."""
+
+    reason = "bad_sidecar"  # the failure log's reason (``read:bad_sidecar``)
+
+
+def sidecar_path(audio_path: str) -> str:
+    """audiocraft's convention: ``song.json`` beside ``song.flac``."""
+    return os.path.splitext(audio_path)[0] + ".json"
+
+
+def read_sidecar(audio_path: str, storage_options: dict[str, Any],
+                 max_bytes: int = SIDECAR_MAX_BYTES) -> dict[str, Any]:
+    """The metadata in ``song.json`` beside ``song.flac``; {} when there is none (or a directory has its name).
+
+    Args:
+        audio_path: the audio file (local path or URL).
+        storage_options: fsspec options for a URL.
+        max_bytes: larger sidecars are refused; at most ``max_bytes + 1`` bytes are ever read.
 
     Raises:
-        ValueError: the sidecar exists but is not a JSON object (the item fails, naming the file).
+        SidecarError: the sidecar exists but is too large, not a regular file (a device, a FIFO), or not a JSON
+            object (the item fails, naming the file).
     """
-    sidecar = os.path.splitext(audio_path)[0] + ".json"
-    try:
-        raw = read_bytes(sidecar, storage_options)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    sidecar = sidecar_path(audio_path)
+    raw = _read_remote_capped(sidecar, storage_options, max_bytes) if is_url(sidecar) else _read_local_capped(
+        sidecar, max_bytes)
+    if raw is None:
         return {}
+    if len(raw) > max_bytes:
+        raise _too_large(sidecar, max_bytes)
     try:
         meta = json.loads(raw)
     except ValueError as e:
-        raise ValueError(f"sidecar {sidecar} is not valid JSON: {e}") from e
+        raise SidecarError(f"sidecar {sidecar} is not valid JSON: {e}") from e
     if not isinstance(meta, dict):
-        raise ValueError(f"sidecar {sidecar} holds {type(meta).__name__}, expected a JSON object")
+        raise SidecarError(f"sidecar {sidecar} holds {type(meta).__name__}, expected a JSON object")
     return meta
+
+
+def _read_local_capped(path: str, max_bytes: int) -> bytes | None:
+    """At most ``max_bytes + 1`` bytes of a regular file; None when absent or a directory."""
+    try:
+        # O_NONBLOCK: opening a FIFO without a writer would block the worker until decode.timeout_s.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            return None
+        if not stat.S_ISREG(mode):
+            raise SidecarError(f"sidecar {path} is not a regular file (a device, FIFO or socket, or a link to one); "
+                               "replace it with a file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+
+
+def _read_remote_capped(url: str, storage_options: dict[str, Any], max_bytes: int) -> bytes | None:
+    """At most ``max_bytes + 1`` bytes of an object; None when absent or a prefix ("directory")."""
+    fs, inner = filesystem(url, storage_options)
+    try:
+        info = fs.info(inner)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    if info.get("type") == "directory":
+        return None
+    if (info.get("size") or 0) > max_bytes:  # refused without fetching it
+        raise _too_large(url, max_bytes)
+    return fs.cat_file(inner, start=0, end=max_bytes + 1)
+
+
+def _too_large(path: str, max_bytes: int) -> SidecarError:
+    return SidecarError(f"sidecar {path} is larger than dataset.sidecar_max_bytes={max_bytes} bytes; shorten it or "
+                        "raise the cap")
