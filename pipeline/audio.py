@@ -17,6 +17,7 @@ import io
 import itertools
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,24 @@ class UndecodableAudio(AudioError):
     reason = "undecodable"
 
 
+class GrowingAudio(AudioError):
+    """A WAV whose header says "unknown size" and that changed lately or while it was read: still being written."""
+
+    reason = "growing"
+
+
+class BadSampleRate(AudioError):
+    """A header rate outside ``SAMPLE_RATE_RANGE``: a damaged or forged header, not a recording."""
+
+    reason = "bad_sample_rate"
+
+
+class BadChannels(AudioError):
+    """A channel count outside ``CHANNELS_RANGE``."""
+
+    reason = "bad_channels"
+
+
 class NotAFile(AudioError):
     """A directory, a missing path, or anything else that is not a regular file, named like audio."""
 
@@ -86,8 +105,21 @@ _EXACT_FORMATS = frozenset({"WAV", "WAVEX", "AIFF", "AU", "FLAC", "W64", "RF64",
 # or Data Size (AU). libsndfile logs "should be" for the data chunk only when it is longer than the file.
 _SHORT_DATA_CHUNK = re.compile(r"^\s*(?:data|SSND|Data Size)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 # Streaming writers (ffmpeg to a pipe, sox) put 0xFFFFFFFF / 0x7FFFF000 in the size field for "unknown
-# length"; libsndfile then reads to the end of the file, which is right, so such sizes are not claims.
+# length"; libsndfile then reads to the end of the file, as ffmpeg does, so such sizes are not claims.
 _UNKNOWN_SIZE = 0x7FFFF000
+# But the end of such a file is only where its writer is now: a WAV still being written was read as whole (8 of
+# 20 s, stored as ok). Growth cannot be seen in general, but an unknown-size header can, so for those (local
+# files) we ask for evidence the writer is done: the last change at least _SETTLE_S before the read, the same
+# size and mtime after it, and whole frames (a writer stopped mid-frame left a partial one, which libsndfile
+# drops without a word). Otherwise the item fails as ``growing`` and ``output.retry_failed=true`` takes it
+# later. Bytes (a dataset's stored audio) are complete by construction: only the whole-frame check applies.
+_SETTLE_S = 60.0
+_BLOCK_ALIGN = re.compile(r"^\s*Block Align\s*:\s*(\d+)", re.MULTILINE)
+# Plausible formats: 1 kHz to 768 kHz (the highest rate of DACs and DAWs; telephone audio is 8 kHz), 1 to 64
+# channels (Ambisonics of order 7 and ADM beds stay below). A header outside is damaged or forged: a WAV
+# claiming 1 Hz made 120 rows of 30 s from 1.2 KB, a 65535-channel one would make each frame a huge vector.
+SAMPLE_RATE_RANGE = (1000, 768000)
+CHANNELS_RANGE = (1, 64)
 # A judgement, not a measurement: sloppy writers overstate the data size by a header or a pad byte (tens of
 # bytes). Losing under 1 KiB (6 ms of 44.1 kHz 16-bit stereo) is cheaper than dropping the whole item.
 _SLACK_BYTES = 1024
@@ -271,13 +303,43 @@ def _soundfile_open(source: AudioSource, label: str) -> tuple[int, int, Iterator
         # file gives 0 frames there too and fails as no_frames.
         f.close()
         raise _NoLength("libsndfile does not know the length" if f.frames else "0 frames")
-    if f.format == "MP3":
-        try:
+    try:
+        if f.format == "MP3":
             _check_mp3_extent(source, label)
-        except Exception:
-            f.close()
-            raise
-    return f.samplerate, f.channels, _soundfile_blocks(f, label)
+        done = _check_unknown_size(f, source, label)
+    except Exception:
+        f.close()
+        raise
+    return f.samplerate, f.channels, _soundfile_blocks(f, label, done)
+
+
+def _check_unknown_size(f: sf.SoundFile, source: AudioSource, label: str) -> Callable[[], None]:
+    """For a WAV whose data size says "unknown" (see ``_SETTLE_S``): refuse a partial last frame and a file
+    changed lately; return the check to run once it is read (same size and mtime). A no-op check otherwise."""
+    sizes = [(int(d), int(p)) for d, p in _SHORT_DATA_CHUNK.findall(f.extra_info) if int(d) >= _UNKNOWN_SIZE]
+    if not sizes:
+        return lambda: None
+    declared, present = sizes[0]
+    align = _BLOCK_ALIGN.search(f.extra_info)
+    header = f"header declares an unknown data size (0x{declared:X}, as streaming writers leave it)"
+    if align and int(align.group(1)) and present % int(align.group(1)):
+        raise TruncatedAudio(f"{label}: {header} and the file ends inside a frame ({present} data bytes, "
+                             f"frames of {align.group(1)}): its writer stopped or was cut mid-write")
+    if isinstance(source, bytes | bytearray):
+        return lambda: None
+    before = os.stat(source)
+    age = time.time() - before.st_mtime
+    if age < _SETTLE_S:  # a future mtime (clock skew) is no evidence of an old file either
+        raise GrowingAudio(f"{label}: {header} and the file was modified {age:.0f} s ago (under {_SETTLE_S:.0f} s): "
+                           "it may still be written; rerun with output.retry_failed=true once it is complete")
+
+    def unchanged() -> None:
+        after = os.stat(source)
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            raise GrowingAudio(f"{label}: {header} and the file changed while it was read ({before.st_size} -> "
+                               f"{after.st_size} bytes): it is still being written; rerun with "
+                               "output.retry_failed=true once it is complete")
+    return unchanged
 
 
 def _check_mp3_extent(source: AudioSource, label: str) -> None:
@@ -293,8 +355,9 @@ def _check_mp3_extent(source: AudioSource, label: str) -> None:
         raise _NoLength(f"the MP3 header covers {declared} of {present} bytes of audio (files joined?)")
 
 
-def _soundfile_blocks(f: sf.SoundFile, label: str) -> Iterator[np.ndarray]:
-    """``[C, n]`` blocks: int16 for 16-bit PCM (see ``_INT16_SUBTYPES``), float32 otherwise; channels in WAV order."""
+def _soundfile_blocks(f: sf.SoundFile, label: str, done: Callable[[], None]) -> Iterator[np.ndarray]:
+    """``[C, n]`` blocks: int16 for 16-bit PCM (see ``_INT16_SUBTYPES``), float32 otherwise; channels in WAV order.
+    ``done`` runs after the last block (``_check_unknown_size``)."""
     dtype = "int16" if f.subtype in _INT16_SUBTYPES else "float32"
     order = _VORBIS_TO_WAV.get(f.channels) if f.format == "OGG" else None
     with f:
@@ -309,6 +372,7 @@ def _soundfile_blocks(f: sf.SoundFile, label: str) -> Iterator[np.ndarray]:
             n_read += len(block)
             yield block.T if order is None else block.T[order]
         _check_complete(f, n_read, label)
+        done()
 
 
 def _check_complete(f: sf.SoundFile, n_read: int, label: str) -> None:
@@ -392,8 +456,19 @@ def _open_any(source: AudioSource, label: str) -> tuple[int, int, Iterator[np.nd
             raise UndecodableAudio(f"{label}: every backend failed: " + "; ".join([*errors, f"{backend}: 0 frames"]))
         if first is None:  # the backend reads the file and finds it empty (a header, a silent container)
             raise NoAudioFrames(f"{label}: 0 audio frames ({backend})")
+        _check_format(rate, n_channels, label)  # once audio was found: random bytes are undecodable, not 0 Hz
         return rate, n_channels, itertools.chain([first], blocks)
     raise UndecodableAudio(f"{label}: every backend failed: " + "; ".join(errors))
+
+
+def _check_format(rate: int, n_channels: int, label: str) -> None:
+    """Refuse a header whose rate or channel count no recording has (see ``SAMPLE_RATE_RANGE``)."""
+    low, high = SAMPLE_RATE_RANGE
+    if not low <= rate <= high:
+        raise BadSampleRate(f"{label}: header sample rate {rate} Hz is outside [{low}, {high}] Hz")
+    low, high = CHANNELS_RANGE
+    if not low <= n_channels <= high:
+        raise BadChannels(f"{label}: header has {n_channels} channels, outside [{low}, {high}]")
 
 
 def _validate_block(block: np.ndarray, label: str, offset: int) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +14,17 @@ import soxr
 
 from pipeline.audio import (
     AudioError,
+    BadChannels,
+    BadSampleRate,
     EmptyFile,
+    GrowingAudio,
     NoAudioFrames,
     NonFiniteAudio,
     NotAFile,
     TruncatedAudio,
     UndecodableAudio,
     decode_audio,
+    open_audio,
     probe_duration,
 )
 from pipeline import mp3
@@ -253,12 +259,14 @@ def test_resampler_matches_analytic_sine(tmp_path, quality):
 # --- hostile files -----------------------------------------------------------------------------------------------
 
 
-def _streaming_wav(path):
-    """A valid WAV whose RIFF and data sizes say "unknown" (0xFFFFFFFF), as ffmpeg writes to a pipe."""
-    path = dummies.write_audio(path, dummies.synth(DURATION_S, 16000), 16000)
+def _streaming_wav(path, seconds: float = DURATION_S, age_s: float = 3600.0, extra: bytes = b""):
+    """A valid WAV whose RIFF and data sizes say "unknown" (0xFFFFFFFF), as ffmpeg writes to a pipe, last modified
+    ``age_s`` ago (a finished file, by default), with ``extra`` bytes appended (a partial frame)."""
+    path = dummies.write_audio(path, dummies.synth(seconds, 16000), 16000)
     data = bytearray(path.read_bytes())
     data[4:8] = data[40:44] = b"\xff\xff\xff\xff"
-    path.write_bytes(bytes(data))
+    path.write_bytes(bytes(data) + extra)
+    os.utime(path, (time.time() - age_s,) * 2)
     return path
 
 
@@ -317,6 +325,60 @@ def test_not_a_file(tmp_path, make):
 def test_unknown_length_wav_is_not_truncated(tmp_path):
     out = decode_audio(_streaming_wav(tmp_path / "x.wav"), target_sr=TARGET_SR)
     assert out.samples.shape[1] == round(DURATION_S * TARGET_SR)
+
+
+def test_unknown_length_wav_still_being_written_is_not_ok(tmp_path):
+    """An unknown-size WAV is read to its end, but its end is only where its writer is now: one still being written
+    was stored as ok with 8 of 20 s. Now it must show it is done (see ``audio._SETTLE_S``): changed lately, changed
+    while read, or ending inside a frame, it fails with the header's sizes named; as bytes, only whole frames count."""
+    fresh = _streaming_wav(tmp_path / "fresh.wav", age_s=0.0)
+    with pytest.raises(GrowingAudio, match=r"fresh\.wav: header declares an unknown data size \(0xFFFFFFFF.*modified"):
+        decode_audio(fresh, target_sr=TARGET_SR)
+    assert decode_audio(fresh.read_bytes(), target_sr=TARGET_SR).samples.shape[1] == round(DURATION_S * TARGET_SR)
+    partial = _streaming_wav(tmp_path / "partial.wav", extra=b"\x01")  # 16-bit mono: a frame is 2 bytes
+    for source in (partial, partial.read_bytes()):
+        with pytest.raises(TruncatedAudio, match=r"ends inside a frame") as info:
+            decode_audio(source, target_sr=TARGET_SR)
+        assert info.value.reason == "truncated"
+    # Appended to while it is read (the stream reads one block at a time; 20 s is more than one block).
+    growing = _streaming_wav(tmp_path / "growing.wav", seconds=20.0)
+    stream = open_audio(growing, target_sr=16000)
+    next(stream.blocks)
+    with growing.open("ab") as f:
+        f.write(bytes(32000))
+    with pytest.raises(GrowingAudio, match=r"changed while it was read") as info:
+        list(stream.blocks)
+    assert info.value.reason == "growing"
+
+
+def _patched_wav(path: Path, rate: int | None = None, channels: int | None = None) -> Path:
+    """A real 16-bit WAV whose fmt chunk is rewritten to claim ``rate`` Hz / ``channels`` channels."""
+    path = dummies.write_audio(path, dummies.synth(0.2, 16000), 16000, "PCM_16")
+    data = bytearray(path.read_bytes())
+    if rate is not None:
+        data[24:28], data[28:32] = struct.pack("<I", rate), struct.pack("<I", rate * 2)
+    if channels is not None:
+        data[22:24], data[32:34] = struct.pack("<H", channels), struct.pack("<H", 2 * channels)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("as_bytes", [False, True], ids=["path", "bytes"])
+def test_header_rate_and_channels_are_bounded(tmp_path, as_bytes):
+    """A WAV claiming 1 Hz made 120 rows of 30 s from 1.2 KB. Rates outside [1000, 768000] Hz and channel counts
+    outside [1, 64] fail, each with its own reason; the bounds themselves are fine."""
+    cases = {"1hz": (dict(rate=1), BadSampleRate), "2mhz": (dict(rate=2_000_000), BadSampleRate),
+             "100ch": (dict(channels=100), BadChannels), "1000hz": (dict(rate=1000), None),
+             "64ch": (dict(channels=64), None)}
+    for name, (patch, error) in cases.items():
+        path = _patched_wav(tmp_path / f"{name}.wav", **patch)
+        source = path.read_bytes() if as_bytes else path
+        if error is None:
+            assert decode_audio(source, target_sr=TARGET_SR).samples.shape[1] > 0
+            continue
+        with pytest.raises(error, match="header") as info:
+            decode_audio(source, target_sr=TARGET_SR, name=str(path))
+        assert info.value.reason in ("bad_sample_rate", "bad_channels") and str(path) in str(info.value)
 
 
 def test_unknown_length_flac_falls_back_to_pyav(tmp_path):
