@@ -87,11 +87,20 @@ def _join(want_cuda: bool, timeout: timedelta):
 
     try:
         return PartialState(cpu=not want_cuda, timeout=timeout)
-    except (RuntimeError, TimeoutError) as e:  # torch's DistStoreError / gloo's timeout are RuntimeErrors
+    except (RuntimeError, TimeoutError) as e:  # torch's DistStoreError and gloo's timeouts are RuntimeErrors
+        if not _timed_out(e):  # another failure (a CUDA error, a bad address) keeps its own traceback
+            raise
         log.error("the ranks of this launch did not all meet within rendezvous_timeout_s=%g s (%s: %s); "
                   "a rank that failed to start, or a launcher that died, leaves the others waiting",
                   timeout.total_seconds(), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         sys.exit(1)
+
+
+def _timed_out(error: BaseException) -> bool:
+    from torch.distributed import DistStoreError
+
+    text = str(error).lower()
+    return isinstance(error, (DistStoreError, TimeoutError)) or "timed out" in text or "timeout" in text
 
 
 def _plan_group(world_size: int):

@@ -334,14 +334,15 @@ def test_a_decode_worker_dies_with_its_rank(corpus, tmp_path, tiny_codec_dir):
         assert time.monotonic() < deadline, "no claim"
         time.sleep(0.05)
     time.sleep(5)  # let the worker take the item (else, between two items, it would end on its pipe's EOF anyway)
-    workers = _descendants(proc)
+    workers = _descendants(proc)  # the decode worker (and multiprocessing's resource tracker)
     assert workers, "no decode worker"
     proc.kill()
-    proc.communicate(timeout=30)
+    proc.wait(timeout=30)
     try:
         assert not _wait_gone(workers, timeout=30), "a decode worker outlived its rank"
     finally:
         _kill_all(workers)
+        proc.communicate(timeout=30)  # the workers held the output pipe open too
 
 
 def test_a_rank_whose_peer_never_comes_gives_up_within_the_rendezvous_timeout(corpus, tmp_path, tiny_codec_dir):
