@@ -169,6 +169,9 @@ class RunConfig:
     channels: str = "mono"
     # Seconds a claim stays valid without a heartbeat before another run may take the unit over.
     claim_lease_s: float = 120.0
+    # Seconds the ranks of a launch wait for each other at start-up (the process-group timeout); the wait for rank 0
+    # to plan is separate and long (tokenize.PLAN_WAIT).
+    rendezvous_timeout_s: float = 300.0
     progress: bool = True
     # Seed for anything random (verify sampling). Changes no token.
     seed: int = 0
@@ -201,6 +204,7 @@ class RunConfig:
             (self.codec.threads == "auto" or (isinstance(self.codec.threads, int) and self.codec.threads >= 1),
              f"codec.threads must be auto or an integer >= 1, got {self.codec.threads!r}"),
             (self.output.unit_size >= 1, "output.unit_size must be >= 1"),
+            (self.rendezvous_timeout_s > 0, "rendezvous_timeout_s must be > 0"),
             (self.output.mode in ("resume", "overwrite"), "output.mode must be resume or overwrite"),
             (self.batch.max_rows >= 1, "batch.max_rows must be >= 1"),
             (self.batch.max_audio_s == "auto" or (isinstance(self.batch.max_audio_s, (int, float))

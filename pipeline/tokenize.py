@@ -7,15 +7,18 @@ plan -> (read, decode, segment in workers) -> batch -> encode -> write -> finali
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
+from pipeline import lifeline
 from pipeline.config import RunConfig, resolve_auto, register_configs
 
 log = logging.getLogger("pipeline.tokenize")
@@ -28,6 +31,8 @@ class RankInfo:
     rank: int
     world_size: int
     device: str
+    # The process group of the planning barrier (its own, long timeout); None when alone.
+    plan_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -48,14 +53,23 @@ class PhaseClock:
         self._last = now
 
 
+# Rank 0 lists the inputs while the others wait in the planning barrier: minutes to hours on millions of files.
+PLAN_WAIT = timedelta(hours=6)
+# Test hook: rank 0 sleeps this many seconds before the planning barrier (a slow listing, to test that the
+# barrier's wait is not the rendezvous's). Costs nothing when unset.
+PLAN_DELAY_ENV = "PIPELINE_TEST_PLAN_DELAY_S"
+
+
 def setup_ranks(cfg: RunConfig) -> RankInfo:
-    """Join the launch accelerate/torchrun started (CPU: gloo, GPU: nccl), or run alone."""
+    """Join the launch accelerate/torchrun started (CPU: gloo, GPU: nccl), or run alone.
+
+    The rendezvous waits ``cfg.rendezvous_timeout_s`` for the other ranks (it waited 6 hours: a rank whose peer
+    never came, or whose launcher died, lingered that long); only the planning barrier waits long (``PLAN_WAIT``).
+    """
     import torch
-    from accelerate import PartialState
 
     want_cuda = cfg.codec.device.startswith("cuda") or (cfg.codec.device == "auto" and torch.cuda.is_available())
-    # The only collective is one barrier at start-up, after rank 0 lists the inputs (which can take a while).
-    state = PartialState(cpu=not want_cuda, timeout=timedelta(hours=6))
+    state = _join(want_cuda, timedelta(seconds=cfg.rendezvous_timeout_s))
     device = "cpu"
     if want_cuda:
         # PartialState is a process-wide singleton: one made earlier in this process for a CPU run (e.g. a script
@@ -64,14 +78,49 @@ def setup_ranks(cfg: RunConfig) -> RankInfo:
             f"cuda:{state.local_process_index % max(1, torch.cuda.device_count())}"
     if cfg.codec.device.startswith("cuda:"):
         device = cfg.codec.device
-    return RankInfo(state.process_index, state.num_processes, device)
+    return RankInfo(state.process_index, state.num_processes, device, _plan_group(state.num_processes))
+
+
+def _join(want_cuda: bool, timeout: timedelta):
+    """accelerate's PartialState, whose process-group timeout bounds the rendezvous (and gloo's collectives)."""
+    from accelerate import PartialState
+
+    try:
+        return PartialState(cpu=not want_cuda, timeout=timeout)
+    except (RuntimeError, TimeoutError) as e:  # torch's DistStoreError and gloo's timeouts are RuntimeErrors
+        if not _timed_out(e):  # another failure (a CUDA error, a bad address) keeps its own traceback
+            raise
+        log.error("the ranks of this launch did not all meet within rendezvous_timeout_s=%g s (%s: %s); "
+                  "a rank that failed to start, or a launcher that died, leaves the others waiting",
+                  timeout.total_seconds(), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        sys.exit(1)
+
+
+def _timed_out(error: BaseException) -> bool:
+    from torch.distributed import DistStoreError
+
+    text = str(error).lower()
+    return isinstance(error, (DistStoreError, TimeoutError)) or "timed out" in text or "timeout" in text
+
+
+def _plan_group(world_size: int):
+    """A gloo group with the planning barrier's long timeout (the default group's is the short rendezvous one, and
+    NCCL's barrier would need a device). Made by every rank right after the rendezvous, so it costs no wait."""
+    if world_size <= 1:
+        return None
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=PLAN_WAIT)
 
 
 def barrier(ranks: RankInfo) -> None:
+    """The planning barrier: the others wait while rank 0 lists the inputs and writes the plan."""
     if ranks.world_size > 1:
-        from accelerate import PartialState
+        import torch.distributed as dist
 
-        PartialState().wait_for_everyone()
+        if ranks.is_main and os.environ.get(PLAN_DELAY_ENV):
+            time.sleep(float(os.environ[PLAN_DELAY_ENV]))
+        dist.barrier(group=ranks.plan_group)
 
 
 def run(cfg: RunConfig) -> int:
@@ -84,6 +133,7 @@ def run(cfg: RunConfig) -> int:
     from pipeline.summary import print_summary
 
     clock = PhaseClock()
+    lifeline.watch_launcher()  # first: an orphan must not wait in the rendezvous either
     ranks = setup_ranks(cfg)
     clock.mark("ranks")
     cfg = resolve_auto(cfg, ranks.device)
@@ -123,6 +173,8 @@ def run(cfg: RunConfig) -> int:
     stats = None if runner.stop_signal is not None else job.finalize_if_done(
         stopping=lambda: runner.stop_signal is not None)
     if runner.stop_signal is not None:
+        if lifeline.launcher_died():
+            log.error("rank %d: its launcher died; claims released, exiting", ranks.rank)
         log.warning("stopped by signal %d; run the same command again to finish", runner.stop_signal)
         return 128 + runner.stop_signal
     clock.mark("finalize")

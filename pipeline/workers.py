@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.audio import AudioError, open_audio
+from pipeline.lifeline import die_with_parent
 from pipeline.metadata import MetadataError, row_metadata
 from pipeline.segment import SegmentPolicy, StreamSegmenter
 from pipeline.sources.base import FetchedAudio, Source
@@ -189,6 +190,10 @@ _PARENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 def _worker_main(conn: Connection, spec: DecodeSpec) -> None:
     """Worker loop: announce each task before running it, so the parent knows which item a crash belongs to."""
+    # A worker's end of the pipe tells it its rank died only when it next reads or writes: one wedged in a decoder
+    # (or busy with a long file) lived on after a kill -9 of its rank.
+    parent = mp.parent_process()
+    die_with_parent(signal.SIGKILL, parent.pid if parent is not None else None)
     for sig in _PARENT_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -354,6 +359,8 @@ class DecodePool:
             self._collector.start()
 
     def _spawn(self) -> _Worker:
+        # A worker's parent-death signal (lifeline.py) comes when the *thread* that started it ends: here the main
+        # thread or the collector, which both live until close() stops the workers anyway.
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(target=_worker_main, args=(child, self.spec), daemon=True)
         proc.start()

@@ -262,3 +262,109 @@ def test_preemption_signal_stops_cleanly(corpus, reference, tmp_path, tiny_codec
     assert len(_done(out)) < N_ITEMS + 1
     finish(launch(1, args))
     assert_same_output(out, reference, same_units=False)
+
+
+def _descendants(proc: subprocess.Popen) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _wait_gone(procs: list, timeout: float) -> list:
+    """The processes of ``procs`` still running after ``timeout`` seconds (zombies count as gone)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _kill_all(procs: list) -> None:
+    import psutil
+
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _held_claims(out: Path) -> list[Path]:
+    return list((out / ".state/claims").glob("unit-*")) if (out / ".state/claims").exists() else []
+
+
+def test_killing_the_launcher_ends_every_rank_and_its_workers(corpus, reference, tmp_path, tiny_codec_dir):
+    """torchrun starts its ranks in sessions of their own, so a kill -9 of the launcher reached none: they lived on
+    (hours, in the rendezvous or a hung decode) holding their claims. Now each rank stops on its launcher's death,
+    releases its claims and exits non-zero with a line; its decode workers go with it; a rerun finishes the job."""
+    out = tmp_path / "out"
+    args = cli_args(corpus, out, tiny_codec_dir, "output.unit_size=1", "decode.timeout_s=600")
+    proc = launch(2, args, env={FAULT_ENV: "hang:clip_05"})  # one rank's worker wedged, as a bad decoder does
+    deadline = time.monotonic() + 120
+    while len(_held_claims(out)) < 2 or len(_done(out)) < 2:  # both ranks in their loop, holding units
+        assert proc.poll() is None, f"run ended early: {proc.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.05)
+    tree = _descendants(proc)  # 2 ranks and their decode workers
+    assert len(tree) >= 4, tree
+    proc.kill()
+    try:
+        alive = _wait_gone(tree, timeout=30)
+        assert not alive, f"still running 30 s after the launcher died: {[p.cmdline()[-3:] for p in alive]}"
+    finally:
+        _kill_all(tree)
+    log, _ = proc.communicate(timeout=30)
+    assert log.count("its launcher died; claims released") == 2, log[-3000:]
+    assert not _held_claims(out), "claims not released"
+    assert len(_done(out)) < N_ITEMS + 1
+    finish(launch(2, args))
+    assert_same_output(out, reference, same_units=False)
+
+
+def test_a_decode_worker_dies_with_its_rank(corpus, tmp_path, tiny_codec_dir):
+    """A worker learnt of its rank's death only at its next pipe read or write: one wedged in a decoder lived on."""
+    out = tmp_path / "out"
+    proc = launch(1, cli_args(corpus, out, tiny_codec_dir, "output.unit_size=1", "decode.timeout_s=600"),
+                  env={FAULT_ENV: "hang:clip_00"})  # the one worker's first item
+    deadline = time.monotonic() + 120
+    while not _held_claims(out):  # unit 0 claimed: its first item goes to the worker, which then hangs
+        assert proc.poll() is None, f"run ended early: {proc.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "no claim"
+        time.sleep(0.05)
+    time.sleep(5)  # let the worker take the item (else, between two items, it would end on its pipe's EOF anyway)
+    workers = _descendants(proc)  # the decode worker (and multiprocessing's resource tracker)
+    assert workers, "no decode worker"
+    proc.kill()
+    proc.wait(timeout=30)
+    try:
+        assert not _wait_gone(workers, timeout=30), "a decode worker outlived its rank"
+    finally:
+        _kill_all(workers)
+        proc.communicate(timeout=30)  # the workers held the output pipe open too
+
+
+def test_a_rank_whose_peer_never_comes_gives_up_within_the_rendezvous_timeout(corpus, tmp_path, tiny_codec_dir):
+    """Rank 0 of 2 alone (its peer failed to start): it waited 6 hours; now rendezvous_timeout_s, then one line."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(random.randint(20000, 40000))}
+    proc = launch(1, cli_args(corpus, tmp_path / "out", tiny_codec_dir, "rendezvous_timeout_s=3"), env=env)
+    try:
+        log, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        pytest.fail("still waiting for its peer after 120 s")
+    assert proc.returncode == 1, log[-3000:]
+    assert "did not all meet within rendezvous_timeout_s=3 s" in log, log[-3000:]
+
+
+def test_a_slow_plan_is_waited_for_beyond_the_rendezvous_timeout(corpus, tmp_path, tiny_codec_dir):
+    """The short rendezvous timeout is not the planning barrier's: rank 0 planning for longer than it (a listing of
+    millions of files) is waited for."""
+    from pipeline.tokenize import PLAN_DELAY_ENV
+
+    out = tmp_path / "out"
+    args = cli_args(corpus, out, tiny_codec_dir, "rendezvous_timeout_s=10", "dataset.limit=4")
+    log = finish(launch(2, args, env={PLAN_DELAY_ENV: "15"}))
+    assert "rank 1 of 2 on cpu" in log and len(_done(out)) == 2

@@ -162,7 +162,11 @@ class LocalStore:
         if Path(path).exists():  # the common contended case, without a temp file (metadata ops are dear on NFS)
             return False
         tmp = Path(path).parent / f".{uuid.uuid4().hex}.tmp"  # no unit number: cleaned up as a stray temp file
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except BaseException:  # a full disk (ENOSPC) left the empty temp file behind
+            tmp.unlink(missing_ok=True)
+            raise
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -179,8 +183,12 @@ class LocalStore:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except BaseException:  # a full disk left an empty claim, read as a live owner until the lease ran out
+            Path(path).unlink(missing_ok=True)
+            raise
         self._leases[str(path)] = data
         return True
 
