@@ -220,3 +220,34 @@ def test_what_the_pipeline_writes_before_its_plan_is_not_foreign(tmp_path):
     (out / "failures" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="failures/notes.txt"):
         _refuse_foreign_folder(layout)
+
+
+def test_a_hub_id_is_identified_by_its_cached_snapshot(tmp_path, tiny_codec_dir, monkeypatch):
+    """A Hub id resolves, without a network call, to its snapshot in the HF cache: its files (links to blobs) are
+    what the weights hash is recorded under; a blob rewritten is another key, so no stale hash is read back."""
+    import dataclasses
+
+    import huggingface_hub.constants
+
+    from pipeline.codecs.identity import cached_weights_sha256, checkpoint_folder, files_key, remember_weights_sha256
+    from pipeline.config import CodecConfig
+
+    monkeypatch.setenv("AUDIO_TOKENIZE_CACHE", str(tmp_path / "cache"))
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    repo, commit = hub / "models--org--codec", "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for i, src in enumerate(sorted(tiny_codec_dir.iterdir())):
+        shutil.copy(src, repo / "blobs" / f"blob{i}")
+        (repo / "snapshots" / commit / src.name).symlink_to(repo / "blobs" / f"blob{i}")
+    cfg = dataclasses.replace(CodecConfig(), pretrained="org/codec")
+    assert checkpoint_folder(cfg) == repo / "snapshots" / commit
+    assert cached_weights_sha256(cfg) is None  # never loaded: unknown
+    remember_weights_sha256(cfg, files_key(checkpoint_folder(cfg)), "abc")
+    assert cached_weights_sha256(cfg) == "abc"
+    (repo / "blobs" / "blob0").write_bytes((repo / "blobs" / "blob0").read_bytes() + b" ")
+    assert cached_weights_sha256(cfg) is None
+    assert checkpoint_folder(dataclasses.replace(cfg, pretrained="org/not-cached")) is None
