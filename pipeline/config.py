@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -326,6 +327,7 @@ def logs_dir(out_dir: str, scratch_dir: str | None = None) -> str:
         return str(scratch_folder(out_dir, scratch_dir) / "logs")
     try:  # Hydra makes this folder before the run: an output.dir that cannot be written must fail in the run,
         Path(out_dir, ".logs").mkdir(parents=True, exist_ok=True)  # with one line, not in Hydra with a traceback
+        os.rmdir(tempfile.mkdtemp(dir=Path(out_dir, ".logs")))  # one there already (read-only mount) is not enough
     except OSError:
         return str(scratch_folder(out_dir, scratch_dir) / "logs")
     return f"{out_dir}/.logs"

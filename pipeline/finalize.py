@@ -83,7 +83,7 @@ def merge_counts(layout: OutputLayout, plan: Plan) -> tuple[UnitCounts, dict[str
         path = layout.marker(unit)
         if not layout.store.exists(path):
             raise InconsistentOutput(f"unit {unit} has no done marker; rerun the job to finish it")
-        marker = json.loads(layout.store.read_bytes(path))
+        marker = layout.read_marker(unit)
         if marker.get("fingerprint") != plan.fingerprint:
             raise InconsistentOutput(f"unit {unit} was written with fingerprint {marker.get('fingerprint')}, "
                                      f"the plan has {plan.fingerprint}")

@@ -7,6 +7,7 @@ names the paths and ``layout.store`` (``pipeline.stores``) does every read and w
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -14,7 +15,11 @@ from typing import Any
 from pipeline.stores import OutputStore, open_store
 from pipeline.stores.local import FILE_MODE, LocalStore, atomic_write_bytes, atomic_write_json, fsync_dir
 
-__all__ = ["FILE_MODE", "OutputLayout", "atomic_write_bytes", "atomic_write_json", "fsync_dir"]
+__all__ = ["DamagedState", "FILE_MODE", "OutputLayout", "atomic_write_bytes", "atomic_write_json", "fsync_dir"]
+
+
+class DamagedState(RuntimeError):
+    """A file of the output folder's state cannot be read; the message names it and the way out."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,19 @@ class OutputLayout:
 
     def marker(self, unit: int) -> PurePath:
         return self.done / f"unit-{unit:05d}.json"
+
+    def read_marker(self, unit: int) -> dict[str, Any]:
+        """A unit's done marker. One that cannot be read (cut, emptied) is refused with its path: deleting it
+        makes the next run encode the unit again, as if it had never been committed."""
+        path = self.marker(unit)
+        try:
+            marker = json.loads(self.store.read_bytes(path))
+            if not isinstance(marker, dict) or not {"counts", "codec", "fingerprint"} <= marker.keys():
+                raise ValueError("not a done marker: counts, codec or fingerprint missing")
+        except (OSError, ValueError) as e:
+            raise DamagedState(f"{self.store.url(path)} is damaged ({type(e).__name__}: {e}); delete it and rerun "
+                               f"the same command (unit {unit} is encoded again)") from e
+        return marker
 
     def claim(self, unit: int) -> PurePath:
         return self.claims / f"unit-{unit:05d}"

@@ -7,7 +7,6 @@ output folder must agree with it, or it is refused.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import platform
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DatasetConfig, RunConfig
-from pipeline.layout import OutputLayout
+from pipeline.layout import DamagedState, OutputLayout
 from pipeline.stores import json_bytes
 from pipeline.types import AudioItem
 
@@ -128,23 +127,6 @@ def fingerprint_of(detail: dict[str, Any]) -> str:
     return _digest(_without_codec_keys(detail, _PROVENANCE))
 
 
-def _planned_by_older_rules(old: Plan, detail: dict[str, Any]) -> bool:
-    """A plan written by an older version, that this run matches under that version's rules: it resumes as before
-    (what those rules left out cannot be checked) rather than being refused as another job. Older plans may lack
-    the ``rows`` group (row settings were not in the fingerprint) and the weights hash (the codec was identified
-    by its path)."""
-    rows = {} if "rows" in old.fingerprint_detail else detail.get("rows", {})
-    detail = {k: v for k, v in detail.items() if k != "rows"} if rows else detail
-    if "weights_sha256" not in old.fingerprint_detail.get("codec", {}):
-        matched = old.fingerprint == _digest(_without_codec_keys(detail, ("weights_sha256",)))
-    else:
-        matched = old.fingerprint == fingerprint_of(detail)
-    if matched and rows:
-        log.warning("this folder was planned before row settings were part of the job: %s cannot be checked "
-                    "against the rows already written", ", ".join(f"dataset.{k}" for k in sorted(rows)))
-    return matched
-
-
 def _without_codec_keys(detail: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {**detail, "codec": {k: v for k, v in detail.get("codec", {}).items() if k not in keys}}
 
@@ -176,9 +158,16 @@ def build_plan(items: list[AudioItem], cfg: RunConfig, detail: dict[str, Any], s
 
 
 def load_plan(layout: OutputLayout) -> Plan | None:
+    """The folder's plan; None when it has none. A plan that cannot be read (cut, emptied, edited by hand) is
+    refused with its path: nothing in the folder can be checked against it."""
     if not layout.store.exists(layout.plan):
         return None
-    return Plan(**json.loads(layout.store.read_bytes(layout.plan)))
+    try:
+        return Plan(**json.loads(layout.store.read_bytes(layout.plan)))
+    except (OSError, ValueError, TypeError) as e:  # unreadable, not JSON (cut), not a dict, a key missing or extra
+        raise DamagedState(f"{layout.store.url(layout.plan)} is damaged ({type(e).__name__}: {e}): the folder's job "
+                           "cannot be known; pass output.mode=overwrite to delete this output and encode it again, "
+                           "or use a new output.dir") from e
 
 
 def save_plan(layout: OutputLayout, plan: Plan, items: list[AudioItem]) -> bool:
@@ -193,23 +182,43 @@ def save_plan(layout: OutputLayout, plan: Plan, items: list[AudioItem]) -> bool:
 
 
 def save_items(layout: OutputLayout, plan: Plan, items: list[AudioItem]) -> None:
-    """The item list under its hash, unless there already (same hash, same list: a resume does not write it)."""
-    if layout.store.exists(layout.items_of(plan.items_hash)):
+    """The item list under its hash. One already there is kept when it parses to that hash (a resume does not
+    rewrite it), and written again when not (cut or edited: the other ranks could never read it)."""
+    path = layout.items_of(plan.items_hash)
+    if not layout.store.exists(path):
+        layout.store.create_atomic(path, _items_bytes(items), layout.tmp)
         return
-    lines = "".join(json.dumps(asdict(it), ensure_ascii=False, default=str) + "\n" for it in items)
-    layout.store.create_atomic(layout.items_of(plan.items_hash), lines.encode(), layout.tmp)
+    try:
+        if items_hash(_parse_items(layout.store.read_bytes(path))) == plan.items_hash:
+            return
+    except (OSError, ValueError, TypeError):
+        pass
+    log.warning("%s does not hold the planned items (cut or edited): writing it again", layout.store.url(path))
+    layout.store.write_atomic(path, _items_bytes(items), layout.tmp)
+
+
+def _items_bytes(items: list[AudioItem]) -> bytes:
+    return "".join(json.dumps(asdict(it), ensure_ascii=False, default=str) + "\n" for it in items).encode()
+
+
+def _parse_items(data: bytes) -> list[AudioItem]:
+    return [AudioItem(**json.loads(line)) for line in data.decode("utf-8").splitlines()]
 
 
 def load_items(layout: OutputLayout, plan: Plan) -> list[AudioItem]:
     """The planned item list, checked against the plan's hash (ranks other than the first encode from it)."""
     path = layout.items_of(plan.items_hash)
     path = path if layout.store.exists(path) else layout.items
-    with layout.store.open_read(path) as f:
-        items = [AudioItem(**json.loads(line)) for line in io.TextIOWrapper(f, encoding="utf-8")]
+    try:
+        items = _parse_items(layout.store.read_bytes(path))
+    except (OSError, ValueError, TypeError) as e:  # cut (a line is not JSON), a field missing, not a file
+        raise PlanMismatch(f"{layout.store.url(path)} is damaged ({type(e).__name__}: {e}); rerun the same command "
+                           "(its first rank writes it again from the inputs)") from e
     if items_hash(items) != plan.items_hash or len(items) != plan.n_items:
         raise PlanMismatch(f"{layout.store.url(path)} lists {len(items)} items (hash {items_hash(items)}), the plan "
                            f"{plan.n_items} (hash {plan.items_hash}); the folder's state was changed by hand or by "
-                           "another job: rerun the same command (the first rank writes it again), or use a new output.dir")
+                           "another job: rerun the same command (its first rank writes it again from the inputs), "
+                           "or use a new output.dir")
     return items
 
 
@@ -220,7 +229,7 @@ def check_same_job(old: Plan, new: Plan, out_dir: Path | str) -> None:
         diffs.append(f"input list: {old.n_items} items (hash {old.items_hash}) -> {new.n_items} (hash {new.items_hash})")
     if old.unit_size != new.unit_size:
         diffs.append(f"output.unit_size: {old.unit_size} -> {new.unit_size}")
-    if old.fingerprint != new.fingerprint and not _planned_by_older_rules(old, new.fingerprint_detail):
+    if old.fingerprint != new.fingerprint:
         diffs += [f"{k}: {a} -> {b}" for k, a, b in _dict_diff(old.fingerprint_detail, new.fingerprint_detail)]
     if diffs:
         raise PlanMismatch(
@@ -250,9 +259,10 @@ def wipe(layout: OutputLayout) -> None:
     """``output.mode=overwrite``: remove the folders this pipeline owns (``data/`` whole, foreign files in it
     included, since loaders read every file there; ``failures/``, ``.state/``, and ``verify/``, whose report would
     describe the old job) and its files at the top (``README.md``, ``stats.json``). Anything else stays."""
-    # The done markers first, the plan last: a wipe cut short leaves the plan with shards but no markers, which the
-    # next run of the same job redoes and overwrites; never markers whose shards are gone, nor shards with no plan.
-    for path in (layout.done, layout.data, layout.failures, layout.root / "verify", layout.state):
-        layout.store.delete_tree(path)
+    # The card and stats first, then the done markers, the plan last: a wipe cut short leaves the plan with shards
+    # but no markers, which the next run of the same job redoes and overwrites; never markers whose shards are gone,
+    # shards with no plan, nor a card with no plan (which a later run would take for a user's README.md).
     for name in ("README.md", "stats.json"):
         layout.store.delete(layout.root / name)
+    for path in (layout.done, layout.data, layout.failures, layout.root / "verify", layout.state):
+        layout.store.delete_tree(path)

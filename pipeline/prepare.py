@@ -13,7 +13,7 @@ from typing import Any, Callable
 from pipeline.config import RunConfig, logs_dir
 from pipeline.claims import Owner, claim_state, heartbeat, judge
 from pipeline.finalize import CodecInfo, finalize
-from pipeline.layout import OutputLayout
+from pipeline.layout import DamagedState, OutputLayout
 from pipeline.plan import (Plan, build_plan, check_detail, check_same_job, device_kind, fingerprint_detail,
                            load_items, load_plan, save_items, save_plan, wipe)
 from pipeline.retry import drop_stale_stashes, reopen_failed_units
@@ -24,6 +24,7 @@ from pipeline.types import AudioItem
 
 log = logging.getLogger(__name__)
 _UNIT = re.compile(r"(?:unit|train)-(\d{5})")
+_OURS = re.compile(r"train-\d{5}-of-\d{5}\.parquet|unit-\d{5}\.jsonl")  # ``layout.shard``, ``failure_log``
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Job:
         record = json_bytes(asdict(Owner.me()))
         if not self.finished or not self._claim_finalize(record, stopping):
             return None
-        marker = json.loads(self.layout.store.read_bytes(self.layout.marker(0)))
+        marker = self.layout.read_marker(0)
         with heartbeat(self.layout.store, self.layout.finalize_claim, record, self.cfg.claim_lease_s):
             stats = finalize(self.layout, self.plan, CodecInfo(**marker["codec"]))
         self.layout.store.write_atomic(self.layout.finalize_claim, _FINALIZED, self.layout.tmp)
@@ -94,16 +95,14 @@ def upload_logs(cfg: RunConfig, local_dir: Path) -> None:
         layout.store.write_atomic(target, path.read_bytes(), layout.tmp)
 
 
-def prepare(cfg: RunConfig, ranks, barrier: Callable, weights_sha256: str | None = None) -> Job:
+def prepare(cfg: RunConfig, ranks, barrier: Callable, weights_sha256: str) -> Job:
     """Rank 0 lists the inputs and writes or checks the plan; the others wait, then read it.
 
-    ``weights_sha256``: the loaded codec's (in the fingerprint). None when the folder looked finished and no codec
-    was loaded: the check then takes the plan's, and ``check_weights`` compares them once a codec is loaded.
+    ``weights_sha256``: the codec's (in the fingerprint): the loaded codec's, or, for a rerun of a finished folder,
+    the one recorded for the same checkpoint files (``codecs.identity``), so every setting is checked there too.
     """
     layout = output_layout(cfg)
     detail = fingerprint_detail(cfg, _device_kind(ranks.device), weights_sha256)
-    if weights_sha256 is None and (planned := load_plan(layout)) is not None:
-        detail["codec"]["weights_sha256"] = planned.fingerprint_detail.get("codec", {}).get("weights_sha256")
     source = build_source(cfg.dataset)
     if ranks.is_main:
         plan, items = _plan_on_main(cfg, layout, source, detail)
@@ -118,6 +117,8 @@ def prepare(cfg: RunConfig, ranks, barrier: Callable, weights_sha256: str | None
 
 def _plan_on_main(cfg: RunConfig, layout: OutputLayout, source: Source, detail: dict) -> tuple[Plan, list[AudioItem]]:
     layout.store.check_writable(layout.root)
+    if not layout.store.exists(layout.plan):
+        _refuse_foreign_folder(layout)
     if cfg.output.mode == "overwrite":
         wipe(layout)
     items = source.list_items()
@@ -144,6 +145,7 @@ def _plan_on_main(cfg: RunConfig, layout: OutputLayout, source: Source, detail: 
     if cfg.output.retry_failed:
         reopened = reopen_failed_units(layout, old.n_units)
         log.info("retry_failed: %d unit(s) reopened for their failed items only", len(reopened))
+    _refuse_claims_that_are_not_files(layout)
     _clean_uncommitted(layout, cfg.claim_lease_s)
     log.info("resuming: %d of %d units done", len(layout.done_units()), old.n_units)
     return old, items
@@ -159,6 +161,27 @@ def _refuse_shards_without_plan(layout: OutputLayout) -> None:
                          "this pipeline's. Pass output.mode=overwrite to delete them, or use a new output.dir")
 
 
+# What this pipeline writes in a folder before its plan exists: Hydra's logs of this run (``config.logs_dir``), and
+# the folders and item list ``save_plan`` makes first (a launch killed before its plan leaves them).
+_BEFORE_PLAN = {".logs", ".state", "data", "failures"}
+
+
+def _refuse_foreign_folder(layout: OutputLayout) -> None:
+    """A folder with no plan must hold nothing but what the pipeline writes first: a resume would write its card
+    over a README.md of someone else's, an overwrite would delete the user's ``data/`` and ``stats.json``. Shards
+    and failure logs named as ours are left to ``_refuse_shards_without_plan`` (an overwrite may delete them)."""
+    names = layout.store.list_names(layout.root)
+    # (a write probe is another launch's ``check_writable``, deleted as soon as made)
+    foreign = [n for n in names if n not in _BEFORE_PLAN and not n.startswith(".write-probe-")]
+    foreign = sorted(foreign + [f"{d}/{n}" for d in ("data", "failures") if d in names
+                                for n in layout.store.list_names(layout.root / d) if not _OURS.fullmatch(n)])
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"output.dir {layout.url} is not empty and is not this pipeline's output (no "
+                         f".state/plan.json): it holds {shown}; use a new or empty output.dir, or delete these "
+                         "files first")
+
+
 def _reopen_units_without_shards(layout: OutputLayout, n_units: int) -> None:
     """A done marker whose shard is gone (deleted by hand, an object store's lifecycle rule, a crash of an older
     overwrite between its deletes) would stop finalize on every rerun: the unit is redone instead."""
@@ -168,6 +191,16 @@ def _reopen_units_without_shards(layout: OutputLayout, n_units: int) -> None:
             log.warning("unit %d is marked done but its shard %s is missing: encoding it again", unit,
                         layout.shard(unit, n_units).name)
             layout.store.delete(layout.marker(unit))
+
+
+def _refuse_claims_that_are_not_files(layout: OutputLayout) -> None:
+    """A claim path that is a folder (made by hand or by a tool) can be neither read, taken over nor released:
+    every run would crash on it."""
+    for name in layout.store.list_names(layout.claims):
+        path = layout.claims / name
+        if isinstance(layout.store, LocalStore) and Path(path).is_dir():
+            raise DamagedState(f"{layout.store.url(path)} is a folder, not a claim; delete it and rerun the same "
+                               "command")
 
 
 def _clean_uncommitted(layout: OutputLayout, lease_s: float) -> None:
@@ -219,9 +252,11 @@ def check_weights(plan: Plan, codec, out_dir: str) -> None:
 
 def looks_finished(cfg: RunConfig) -> bool:
     """A cheap look before loading anything: does the output folder already hold every unit's marker?"""
+    if cfg.output.mode != "resume":  # an overwrite reads no plan: a damaged one is what it may be run to replace
+        return False
     layout = output_layout(cfg)
     plan = load_plan(layout)
-    return cfg.output.mode == "resume" and plan is not None and layout.done_units() >= set(range(plan.n_units))
+    return plan is not None and layout.done_units() >= set(range(plan.n_units))
 
 
 def build_stages(cfg: RunConfig, job: Job, ranks, codec):

@@ -106,7 +106,7 @@ def _stash(layout: OutputLayout, unit: int, n_units: int, failures: list[Failure
     layout.store.makedirs(folder)
     # A copy that survives the clean-up's removal of the shard (locally a hard link, which costs nothing).
     layout.store.copy(layout.shard(unit, n_units), folder / "kept.parquet")
-    counts = json.loads(layout.store.read_bytes(layout.marker(unit)))["counts"]
+    counts = layout.read_marker(unit)["counts"]
     state = {"unit": unit, "counts": counts, "failures": [asdict(f) for f in failures]}
     layout.store.write_atomic(folder / "retry.json", json_bytes(state), layout.tmp)
 

@@ -128,6 +128,7 @@ def run(cfg: RunConfig) -> int:
     import torch
 
     from pipeline.codecs import load_codec
+    from pipeline.codecs.identity import cached_weights_sha256
     from pipeline.encode import check_channels
     from pipeline.prepare import build_stages, check_weights, looks_finished, prepare
     from pipeline.summary import print_summary
@@ -141,20 +142,24 @@ def run(cfg: RunConfig) -> int:
     log.info("rank %d of %d on %s: batch.max_audio_s=%g, decode.workers=%d, codec.threads=%d", ranks.rank,
              ranks.world_size, ranks.device,
              cfg.batch.max_audio_s, cfg.decode.workers, cfg.codec.threads)
-    # Load the codec before anything is written, so a missing checkpoint stops the run with nothing to undo;
-    # skipped when the folder is already complete (a rerun of a finished job does no work).
-    codec = None if looks_finished(cfg) else load_codec(cfg.codec, torch.device(ranks.device))
-    if codec is not None:  # a channel policy the codec cannot take stops the run before the plan is written too
-        check_channels(codec, cfg.channels)
+    # Load the codec before anything is written, so a missing checkpoint stops the run with nothing to undo.
+    # A rerun of a finished folder does no work: it loads no codec when the hash of the same checkpoint files is
+    # known (``codecs.identity``), and the plan check still compares the weights with every other setting.
+    codec, weights = None, cached_weights_sha256(cfg.codec) if looks_finished(cfg) else None
+    if weights is None:
+        codec = load_codec(cfg.codec, torch.device(ranks.device))
+        check_channels(codec, cfg.channels)  # a channel policy the codec cannot take: before the plan is written
+        weights = codec.fingerprint()["weights_sha256"]
     clock.mark("codec")
-    job = prepare(cfg, ranks, barrier, None if codec is None else codec.fingerprint()["weights_sha256"])
+    job = prepare(cfg, ranks, barrier, weights)
     clock.mark("plan")
     if job.finished:
         log.info("all %d units are done already; nothing to encode", job.plan.n_units)
         stats = job.finalize_if_done() if ranks.is_main else None
         print_summary(stats, job, None) if ranks.is_main else None
         return 0
-    if codec is None:  # finished-looking folder that turned out unfinished (e.g. retry_failed)
+    if codec is None:  # finished-looking folder that turned out unfinished (e.g. retry_failed); the loaded
+        # weights are checked against the plan too: the cache only stood in for them
         codec = load_codec(cfg.codec, torch.device(ranks.device))
         check_channels(codec, cfg.channels)
         check_weights(job.plan, codec, job.layout.url)
@@ -209,6 +214,8 @@ def _upload_logs(cfg: RunConfig) -> None:
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(dcfg: DictConfig) -> None:
     from pipeline.codecs.encodec import CodecLoadError
+    from pipeline.finalize import InconsistentOutput
+    from pipeline.layout import DamagedState
     from pipeline.plan import PlanMismatch
 
     try:
@@ -218,7 +225,7 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(2)
     try:
         code = run(cfg)
-    except (CodecLoadError, PlanMismatch, ValueError) as e:
+    except (CodecLoadError, PlanMismatch, DamagedState, InconsistentOutput, ValueError) as e:
         # Our own refusals carry a message written for the user; a traceback would only bury it.
         log.error("%s", e)
         sys.exit(2)

@@ -261,33 +261,13 @@ def test_the_weights_not_their_path_identify_the_job(corpus, tmp_path, tiny_code
         run(compose(base_overrides(corpus, out, weights)))
     n_units = -(-plan["n_items"] // plan["unit_size"])
     assert len(list((out / "data").glob("*.parquet"))) == n_units - 1  # nothing written
-    # A finished folder's rerun loads no codec; once retry_failed reopens units it does, and checks the weights.
+    # A finished folder checks the weights too (tests/test_refusals.py: without loading them when it can), and
+    # so does a retry_failed that reopens units.
     assert run(compose(base_overrides(corpus, out, moved))) == 0
-    assert run(compose(base_overrides(corpus, out, weights))) == 0  # finished: nothing to do, nothing loaded
+    with pytest.raises(PlanMismatch, match="codec.weights_sha256"):
+        run(compose(base_overrides(corpus, out, weights)))
     with pytest.raises(PlanMismatch, match="codec.weights_sha256"):
         run(compose(base_overrides(corpus, out, weights, "output.retry_failed=true")))
-
-
-def test_a_folder_planned_by_path_still_resumes(corpus, tmp_path, tiny_codec_dir):
-    """A plan written before the fingerprint held the weights' hash (codec identified by its path, no hash)
-    resumes under its own rule instead of being refused as another job; the markers keep its fingerprint."""
-    import hashlib
-
-    out = tmp_path / "out"
-    assert run(compose(base_overrides(corpus, out, tiny_codec_dir))) == 0
-    _reopen_last_unit(out)
-    plan_path = out / ".state" / "plan.json"
-    plan = json.loads(plan_path.read_text())
-    del plan["fingerprint_detail"]["codec"]["weights_sha256"]
-    legacy = hashlib.sha256(json.dumps(plan["fingerprint_detail"], sort_keys=True).encode()).hexdigest()[:16]
-    plan["fingerprint"] = legacy
-    plan_path.write_text(json.dumps(plan))
-    for marker in (out / ".state" / "done").glob("unit-*.json"):
-        marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": legacy}))
-    assert run(compose(base_overrides(corpus, out, tiny_codec_dir))) == 0
-    stats = json.loads((out / "stats.json").read_text())
-    assert stats["fingerprint"] == legacy and stats["failed"] == 0
-    assert all(json.loads(m.read_text())["fingerprint"] == legacy for m in (out / ".state" / "done").glob("*.json"))
 
 
 def test_metadata_that_is_not_a_number_is_kept_as_given():
@@ -428,29 +408,9 @@ def test_finalize_waits_for_a_live_finalizer_and_takes_over_a_dead_ones(corpus, 
     assert job.finalize_if_done(stopping=lambda: True) is None and not (out / "stats.json").exists()
 
 
-def test_a_folder_planned_before_row_settings_resumes_with_them(corpus, tmp_path, tiny_codec_dir):
-    """A folder an older version planned with ``dataset.rename`` (no ``rows`` group in its plan) resumes under the
-    same command, rather than being refused for the group it could not record."""
-    from pipeline.plan import fingerprint_of
-
-    out = tmp_path / "out"
-    renamed = base_overrides(corpus, out, tiny_codec_dir, "dataset.rename={title: description}")
-    assert run(compose(renamed)) == 0
-    _reopen_last_unit(out)
-    plan_path = out / ".state" / "plan.json"
-    plan = json.loads(plan_path.read_text())
-    del plan["fingerprint_detail"]["rows"]
-    plan["fingerprint"] = fingerprint_of(plan["fingerprint_detail"])
-    plan_path.write_text(json.dumps(plan))
-    for marker in (out / ".state" / "done").glob("unit-*.json"):
-        marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": plan["fingerprint"]}))
-    assert run(compose(renamed)) == 0
-    assert json.loads((out / "stats.json").read_text())["fingerprint"] == plan["fingerprint"]
-
-
 def test_lost_shards_with_retry_failed_and_shards_without_a_plan(corpus, tmp_path, tiny_codec_dir):
     """A missing shard is redone under ``retry_failed`` too (it crashed stashing the shard); shards with no plan
-    (an overwrite cut short after it deleted the state) are refused rather than mixed with a new job's."""
+    (the state, card and stats deleted by hand) are refused rather than mixed with a new job's."""
     import shutil
 
     out = tmp_path / "out"
@@ -460,7 +420,8 @@ def test_lost_shards_with_retry_failed_and_shards_without_a_plan(corpus, tmp_pat
     assert run(compose([*args, "output.retry_failed=true"])) == 0
     assert json.loads((out / "stats.json").read_text())["rows"] == len(read_rows(out))
 
-    shutil.rmtree(out / ".state")
+    for path in (out / ".state", out / "README.md", out / "stats.json"):  # shards and failure logs are left
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     with pytest.raises(ValueError, match="no plan"):
         run(compose([*args, "output.unit_size=2"]))
     assert run(compose([*args, "output.unit_size=2", "output.mode=overwrite"])) == 0

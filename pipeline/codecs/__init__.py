@@ -8,6 +8,7 @@ import importlib
 import torch
 
 from pipeline.codecs.base import Codec
+from pipeline.codecs.identity import checkpoint_folder, files_key, remember_weights_sha256
 from pipeline.config import CodecConfig, codec_threads
 
 __all__ = ["Codec", "load_codec", "resolve_device"]
@@ -41,12 +42,20 @@ def load_codec(cfg: CodecConfig, device: torch.device | None = None) -> Codec:
     device = resolve_device(cfg.device) if device is None else device
     # A run resolves ``auto`` before this (``config.resolve_auto``); tools that build a CodecConfig directly too.
     cfg = dataclasses.replace(cfg, threads=codec_threads(cfg.threads, device.type))
+    # The files are identified before they are loaded: files rewritten during the load get another key.
+    folder = checkpoint_folder(cfg)
+    key = files_key(folder) if folder is not None else None
     if cfg.backend == "onnx":
         from pipeline.codecs.onnx_backend import OnnxEncodecCodec
 
-        return OnnxEncodecCodec.load(cfg, device)
-    module, name = _CLASSES[cfg.family]
-    return getattr(importlib.import_module(module), name).load(cfg, device)
+        codec = OnnxEncodecCodec.load(cfg, device)
+    else:
+        module, name = _CLASSES[cfg.family]
+        codec = getattr(importlib.import_module(module), name).load(cfg, device)
+    if key is None and (folder := checkpoint_folder(cfg)) is not None:  # a Hub id the load just cached: its
+        key = files_key(folder)  # blobs are named by their content, so they cannot have changed since
+    remember_weights_sha256(cfg, key, codec.fingerprint()["weights_sha256"])
+    return codec
 
 
 def resolve_device(name: str) -> torch.device:
